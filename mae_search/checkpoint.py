@@ -1,0 +1,56 @@
+"""Checkpoints: one file holding everything needed to continue a run on the same curve.
+
+Randomness is derived from (seed, epoch, rank) at the start of every epoch, so
+the seed and the next epoch index *are* the RNG state; a resumed run draws the
+same masks and crops as the uninterrupted one. bf16 autocast needs no loss
+scaler, so there is none to save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae_search.config import TrainConfig
+
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, worded as one line naming the file."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Read a checkpoint and check it fits ``cfg``'s model; raise CheckpointError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a mae-search checkpoint (format version {FORMAT_VERSION} expected)")
+    if cfg is not None:
+        saved = state["config"]["model"]
+        wanted = cfg.model.model_dump()
+        diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if diff:
+            details = ", ".join(f"{k}={saved.get(k)} (config has {wanted[k]})" for k in diff)
+            raise CheckpointError(f"{path}: model does not match the config: {details}")
+    return state

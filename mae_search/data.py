@@ -1,0 +1,307 @@
+"""Image data: the embedded synthetic set, readers for real data, and on-device augmentation.
+
+Small data sets are held as one uint8 tensor (N, C, H, W) with integer labels,
+moved to the training device once, and augmented there a whole batch at a time
+(random resized crop through one ``grid_sample`` call, random flip). That keeps
+Python out of the per-sample path, which on small images is what makes a
+classic per-sample DataLoader the bottleneck.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mae_search.config import DataConfig, ModelConfig
+
+SHAPE_CLASSES = (
+    "disk", "square", "ring", "triangle", "plus", "stripes", "diamond", "x-cross", "two-dots", "frame",
+)
+
+
+class DataError(ValueError):
+    """A data set that cannot be read, worded as one line naming the path."""
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) with int64 labels (-1 where a split has none)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+
+@dataclass
+class DataSplits:
+    """``pretrain`` feeds MAE; ``train``/``test`` are the labelled splits for probing and k-NN."""
+
+    pretrain: ImageSet
+    train: ImageSet
+    test: ImageSet
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _shape_masks(kind: np.ndarray, cx, cy, r, angle, size: int) -> np.ndarray:
+    """Boolean foreground masks (B, size, size) for one class index per image."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    r = r[:, None, None]
+    dist = np.sqrt(dx**2 + dy**2)
+    thick = np.maximum(1.5, r * 0.28)
+    masks = {
+        0: dist <= r,
+        1: (np.abs(u) <= r * 0.8) & (np.abs(v) <= r * 0.8),
+        2: (dist <= r) & (dist >= r * 0.55),
+        3: (v <= r * 0.6) & (v >= -r * 0.9 + 1.8 * np.abs(u)),
+        4: ((np.abs(u) <= thick * 0.6) & (np.abs(v) <= r)) | ((np.abs(v) <= thick * 0.6) & (np.abs(u) <= r)),
+        5: (np.abs(u) <= r) & (np.abs(v) <= r) & (np.mod(v + r, r * 0.5) < r * 0.25),
+        6: np.abs(u) + np.abs(v) <= r,
+        7: ((np.abs(u - v) <= thick * 0.8) | (np.abs(u + v) <= thick * 0.8)) & (np.abs(u) <= r * 0.75),
+        8: (np.sqrt((u - r * 0.55) ** 2 + v**2) <= r * 0.4) | (np.sqrt((u + r * 0.55) ** 2 + v**2) <= r * 0.4),
+        9: (np.maximum(np.abs(u), np.abs(v)) <= r * 0.85) & (np.maximum(np.abs(u), np.abs(v)) >= r * 0.5),
+    }
+    out = np.zeros((len(kind), size, size), dtype=bool)
+    for k, m in masks.items():
+        sel = kind == k
+        out[sel] = m[sel]
+    return out
+
+
+def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> ImageSet:
+    """A labelled 10-class shapes set, generated deterministically from ``seed``.
+
+    Class = shape; colour, position, size, rotation, background gradient and
+    noise are nuisance factors, so the label is only recoverable from shape --
+    what a useful representation must capture. Needs no download.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(SHAPE_CLASSES)
+    rng.shuffle(labels)
+    r = rng.uniform(0.22, 0.4, n).astype(np.float32) * size
+    cx = rng.uniform(r, size - r).astype(np.float32)
+    cy = rng.uniform(r, size - r).astype(np.float32)
+    # Small tilts only: a square turned 45 degrees would be a diamond, a plus an x-cross.
+    angle = rng.uniform(-np.pi / 10, np.pi / 10, n).astype(np.float32)
+    fg_mask = _shape_masks(labels, cx, cy, r, angle, size)
+
+    fg = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
+    bg_a = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
+    bg_b = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
+    ramp = np.linspace(0, 1, size, dtype=np.float32)
+    direction = rng.integers(0, 2, n)
+    grad = np.where(direction[:, None, None] == 0, ramp[None, None, :], ramp[None, :, None])[:, None]
+    bg = bg_a + (bg_b - bg_a) * grad
+    # Keep the shape visible: push the foreground away from the local background.
+    fg = np.where(np.abs(fg - bg.mean(axis=(2, 3), keepdims=True)) < 0.3, 1.0 - fg, fg)
+    img = np.where(fg_mask[:, None], fg, bg)
+    img = img + rng.normal(0, 0.04, img.shape).astype(np.float32)
+    images = torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), SHAPE_CLASSES)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"{what}: data path {p} does not exist or is not a directory")
+    return p
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"cifar10: missing file {path}")
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DataError(f"cifar10: cannot read {path} ({type(exc).__name__}: {exc})") from None
+
+
+def load_cifar10(root: str | Path) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 'python version' (cifar-10-batches-py/data_batch_1..5, test_batch)."""
+    root = _require_dir(root, "cifar10")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    meta = _unpickle(root / "batches.meta")
+    classes = tuple(meta["label_names"])
+
+    def read(names: list[str]) -> ImageSet:
+        batches = [_unpickle(root / n) for n in names]
+        data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([b["labels"] for b in batches]).astype(np.int64)
+        return ImageSet(torch.from_numpy(data), torch.from_numpy(labels), classes)
+
+    return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
+
+
+def _read_stl_images(path: Path) -> torch.Tensor:
+    if not path.is_file():
+        raise DataError(f"stl10: missing file {path}")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % (3 * 96 * 96):
+        raise DataError(f"stl10: {path} is truncated or not an STL-10 image file")
+    # STL-10 stores column-major (N, C, W, H); transpose to (N, C, H, W).
+    return torch.from_numpy(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
+
+
+def _read_stl_labels(path: Path, count: int) -> torch.Tensor:
+    if not path.is_file():
+        raise DataError(f"stl10: missing file {path}")
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1  # file labels are 1..10
+    if labels.size != count:
+        raise DataError(f"stl10: {path} has {labels.size} labels for {count} images")
+    return torch.from_numpy(labels)
+
+
+def load_stl10(root: str | Path) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """STL-10 binary release (stl10_binary/): unlabeled, train and test splits."""
+    root = _require_dir(root, "stl10")
+    if (root / "stl10_binary").is_dir():
+        root = root / "stl10_binary"
+    names_file = root / "class_names.txt"
+    classes = tuple(names_file.read_text().split()) if names_file.is_file() else tuple(map(str, range(10)))
+    splits = []
+    for split in ("train", "test"):
+        imgs = _read_stl_images(root / f"{split}_X.bin")
+        splits.append(ImageSet(imgs, _read_stl_labels(root / f"{split}_y.bin", len(imgs)), classes))
+    unlabeled_file = root / "unlabeled_X.bin"
+    if unlabeled_file.is_file():
+        imgs = _read_stl_images(unlabeled_file)
+        unlabeled = ImageSet(imgs, torch.full((len(imgs),), -1, dtype=torch.int64), classes)
+    else:
+        unlabeled = splits[0]
+    return unlabeled, splits[0], splits[1]
+
+
+def load_imagefolder(root: str | Path, size: int) -> tuple[ImageSet, ImageSet]:
+    """An ImageFolder tree with train/ and val/ (or test/) sub-trees, resized to ``size``.
+
+    Images are decoded once into memory, so this suits data sets up to a few
+    hundred thousand small images (STL-10/ImageNet-100 scale at low resolution).
+    """
+    from torchvision import datasets, transforms
+
+    root = _require_dir(root, "imagefolder")
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or val_dir is None:
+        raise DataError(f"imagefolder: {root} must contain train/ and val/ (or test/) class folders")
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+
+    def read(path: Path) -> ImageSet:
+        ds = datasets.ImageFolder(str(path), transform=tf)
+        if len(ds) == 0:
+            raise DataError(f"imagefolder: no images under {path}")
+        imgs = torch.stack([ds[i][0] for i in range(len(ds))])
+        return ImageSet(imgs, torch.tensor(ds.targets, dtype=torch.int64), tuple(ds.classes))
+
+    return read(root / "train"), read(val_dir)
+
+
+def _resize(images: ImageSet, size: int) -> ImageSet:
+    if images.images.shape[-1] == size:
+        return images
+    x = F.interpolate(images.images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return ImageSet(x.round().clamp(0, 255).to(torch.uint8), images.labels, images.classes)
+
+
+def load_data(cfg: DataConfig, model: ModelConfig, seed: int = 0) -> DataSplits:
+    """Load the configured data set at the model's image size."""
+    size = model.img_size
+    if cfg.dataset == "synthetic_shapes":
+        train = synthetic_shapes(cfg.num_train, size, seed=10_000 + seed)
+        test = synthetic_shapes(cfg.num_test, size, seed=20_000 + seed)
+        return DataSplits(train, train, test)
+    if cfg.dataset == "cifar10":
+        train, test = load_cifar10(cfg.path)
+        train, test = _resize(train, size), _resize(test, size)
+        return DataSplits(train, train, test)
+    if cfg.dataset == "stl10":
+        unlabeled, train, test = (_resize(s, size) for s in load_stl10(cfg.path))
+        return DataSplits(unlabeled, train, test)
+    train, test = load_imagefolder(cfg.path, size)
+    return DataSplits(train, train, test)
+
+
+# --------------------------------------------------------------------------- batches
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised with ImageNet statistics."""
+    c = images_u8.shape[1]
+    mean = MEAN[:c].to(images_u8.device).view(1, c, 1, 1) if c == 3 else 0.5
+    std = STD[:c].to(images_u8.device).view(1, c, 1, 1) if c == 3 else 0.25
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`, back to [0, 1] floats (not clamped)."""
+    c = images.shape[1]
+    mean = MEAN[:c].to(images.device).view(1, c, 1, 1) if c == 3 else 0.5
+    std = STD[:c].to(images.device).view(1, c, 1, 1) if c == 3 else 0.25
+    return images * std + mean
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor, scale: tuple[float, float], hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Batched RandomResizedCrop (ratio 3/4..4/3) + horizontal flip via one affine ``grid_sample``.
+
+    Works on float images of any batch size on any device; each sample gets its
+    own crop box, drawn from ``generator`` so an epoch is reproducible.
+    """
+    b = images.shape[0]
+    dev = images.device
+    rand = torch.rand(b, 4, generator=generator, device="cpu").to(dev)
+    area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
+    log_ratio = torch.log(torch.tensor(3 / 4)) + (torch.log(torch.tensor(4 / 3)) - torch.log(torch.tensor(3 / 4))) * rand[:, 1]
+    ratio = torch.exp(log_ratio.to(dev))
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (rand[:, 2] * 2 - 1) * (1 - w)
+    cy = (rand[:, 3] * 2 - 1) * (1 - h)
+    flip = torch.ones(b, device=dev)
+    if hflip:
+        flip = torch.where(torch.rand(b, generator=generator).to(dev) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
+    """Shuffled index batches for one epoch, sharded by rank; the last partial batch is dropped.
+
+    Every rank draws the same permutation (same generator state) and takes its
+    own stride, which is what DistributedSampler does, without a DataLoader.
+    """
+    perm = torch.randperm(n, generator=generator)[rank::world_size]
+    usable = (len(perm) // batch_size) * batch_size
+    if usable == 0:
+        raise DataError(f"data set of {n} images is smaller than one batch of {batch_size} per worker")
+    return list(perm[:usable].split(batch_size))

@@ -1,0 +1,106 @@
+"""The MAE objective and the two research terms, each a plain function of tensors.
+
+total = mse + freq_weight * laplacian_l1 + unif_weight * uniformity
+
+All three terms are always returned (detached where unweighted) so every run
+logs them, and ablations compare like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mae_search.config import LossConfig
+from mae_search.masking import patchify, unpatchify
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def patch_targets(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
+    """Patchified targets, optionally normalised per patch (the paper's norm_pix_loss)."""
+    target = patchify(imgs, patch_size)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per patch, averaged over removed patches only."""
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def laplacian(imgs: torch.Tensor) -> torch.Tensor:
+    """Per-channel 3x3 Laplacian (zero padding), same shape as the input."""
+    c = imgs.shape[1]
+    kernel = _LAPLACIAN.to(imgs.device, imgs.dtype).expand(c, 1, 3, 3)
+    return F.conv2d(imgs, kernel, padding=1, groups=c)
+
+
+def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patch mask (B, N) -> pixel mask (B, 1, H, W)."""
+    per_pixel = mask.unsqueeze(-1).expand(-1, -1, patch_size * patch_size)
+    return unpatchify(per_pixel, patch_size, 1)
+
+
+def masked_laplacian_l1(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, channels: int
+) -> torch.Tensor:
+    """L1 between the Laplacians of predicted and target images, on removed pixels only.
+
+    Both are unpatchified first so the operator sees whole images; the mean is
+    over masked pixels and channels, so the term's scale does not move with the
+    mask ratio.
+    """
+    pred_img = unpatchify(pred, patch_size, channels)
+    tgt_img = unpatchify(target, patch_size, channels)
+    m = pixel_mask(mask, patch_size)
+    diff = (laplacian(pred_img) - laplacian(tgt_img)).abs() * m
+    return diff.sum() / (m.sum() * channels).clamp(min=1)
+
+
+def uniformity(latent: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola uniformity, log E exp(-t ||z_i - z_j||^2), on mean-pooled patch tokens.
+
+    Lower means features are spread over the hypersphere; a collapsed batch
+    scores 0, the maximum. The CLS token is excluded from the pool.
+    """
+    z = F.normalize(latent[:, 1:, :].float().mean(dim=1), dim=-1)
+    if z.shape[0] < 2:
+        return z.new_zeros(())
+    sq_dists = torch.pdist(z, p=2).pow(2)
+    return sq_dists.mul(-t).exp().mean().log()
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    mse: torch.Tensor
+    freq: torch.Tensor
+    unif: torch.Tensor
+
+
+def mae_loss(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    latent: torch.Tensor,
+    cfg: LossConfig,
+    patch_size: int,
+) -> LossTerms:
+    """Combine the terms. Unweighted terms are computed without gradient, for logging only."""
+    pred = pred.float()
+    target = patch_targets(imgs.float(), patch_size, cfg.norm_pix_loss)
+    mse = masked_mse(pred, target, mask)
+    channels = imgs.shape[1]
+    with torch.set_grad_enabled(cfg.freq_weight > 0 and torch.is_grad_enabled()):
+        freq = masked_laplacian_l1(pred, target, mask, patch_size, channels)
+    with torch.set_grad_enabled(cfg.unif_weight > 0 and torch.is_grad_enabled()):
+        unif = uniformity(latent)
+    total = mse + cfg.freq_weight * freq + cfg.unif_weight * unif
+    return LossTerms(total=total, mse=mse, freq=freq.detach(), unif=unif.detach())

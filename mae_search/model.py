@@ -1,0 +1,181 @@
+"""Masked Autoencoder with a ViT backbone, after facebookresearch/mae (models_mae.py).
+
+The encoder sees only the visible tokens (plus CLS); the light decoder sees the
+full sequence, with a shared learnable mask token at every removed position.
+Position embeddings are fixed 2D sin-cos and are added *before* masking, so a
+visible token keeps the position it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mae_search.config import ModelConfig
+from mae_search.masking import patchify, random_masking
+
+
+def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding, (grid*grid [+1], D); the CLS row is zeros."""
+    grid_h, grid_w = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                                 np.arange(grid_size, dtype=np.float64), indexing="xy")
+
+    def one_axis(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    half = embed_dim // 2
+    emb = np.concatenate([one_axis(half, grid_w), one_axis(embed_dim - half, grid_h)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)
+    return emb
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash/mem-efficient)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class MAEOutput:
+    """Everything one forward pass produces; the losses pick what they need."""
+
+    pred: torch.Tensor  # (B, N, p*p*C) predicted patches
+    mask: torch.Tensor  # (B, N), 1 = removed
+    latent: torch.Tensor  # (B, 1 + kept, D) encoder output incl. CLS
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        p, c = cfg.patch_size, cfg.in_chans
+        grid = cfg.img_size // p
+        num_patches = grid * grid
+
+        # Encoder
+        self.patch_embed = nn.Conv2d(c, cfg.embed_dim, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, cfg.embed_dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+        # Decoder
+        d = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.embed_dim, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_buffer("decoder_pos_embed", torch.zeros(1, num_patches + 1, d), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
+        self.decoder_pred = nn.Linear(d, p * p * c)
+        self._init_weights(grid)
+
+    def _init_weights(self, grid: int) -> None:
+        self.pos_embed.copy_(torch.from_numpy(sincos_pos_embed(self.cfg.embed_dim, grid)).float()[None])
+        self.decoder_pos_embed.copy_(
+            torch.from_numpy(sincos_pos_embed(self.cfg.decoder_embed_dim, grid)).float()[None]
+        )
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.cfg.patch_size)
+
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embeddings, (B, N, D), before any masking."""
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2)
+        return x + self.pos_embed[:, 1:, :]
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, mask, ids_restore = random_masking(self.embed(imgs), mask_ratio)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder on all tokens (no masking), for probing and k-NN: (B, 1 + N, D)."""
+        x = self.embed(imgs)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, n = ids_restore.shape
+        mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
+        tokens = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75) -> MAEOutput:
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        return MAEOutput(pred=pred, mask=mask, latent=latent)
+
+
+def encoder_state_dict(model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
+    """The parts kept after pre-training (patch embed, CLS, blocks, norm): what probing and fine-tuning load."""
+    drop = ("decoder", "mask_token")
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}

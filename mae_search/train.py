@@ -1,0 +1,198 @@
+"""The MAE pre-training loop: usable on its own and as the body of a Ray Train worker.
+
+``Trainer.fit`` runs epochs and hands each epoch's metrics to a callback; the
+CLI prints them, the Ray worker reports them (with a checkpoint) to Ray Train.
+Nothing in here knows about Ray, so the same code is what a bare run, a test
+and a distributed trial execute.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mae_search.checkpoint import load_checkpoint, save_checkpoint
+from mae_search.config import TrainConfig
+from mae_search.data import DataSplits, epoch_batches, load_data, normalize, random_resized_crop_flip
+from mae_search.evaluate import evaluate, reconstruct, save_reconstruction_grid
+from mae_search.losses import mae_loss
+from mae_search.masking import scheduled_mask_ratio
+from mae_search.model import MaskedAutoencoderViT
+
+EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases, tokens and position embeddings (1-D or token params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
+    """Linear warm-up to base_lr, then half-cosine down to min_lr, per optimisation step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Trainer:
+    """Owns model, optimiser, data and schedule position for one run on one worker."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        data: DataSplits | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.device = device or resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = MaskedAutoencoderViT(cfg.model).to(self.device)
+        self.train_model: nn.Module = wrap_model(self.model) if wrap_model else self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        data = data or load_data(cfg.data, cfg.model, seed=cfg.seed)
+        self.data = DataSplits(data.pretrain.to(self.device), data.train, data.test)
+        self.steps_per_epoch = len(data.pretrain) // world_size // cfg.batch_size // cfg.optim.accum_iter
+        effective_batch = cfg.batch_size * world_size * cfg.optim.accum_iter
+        self.base_lr = cfg.optim.blr * effective_batch / 256
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay), lr=self.base_lr, betas=cfg.optim.betas, fused=fused
+        )
+        self.epoch = 0  # next epoch to run
+        self.step = 0  # optimisation steps taken
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state.get("history", []))
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(path, self.state_dict())
+
+    def resume(self, path: str | Path) -> None:
+        self.load_state_dict(load_checkpoint(path, self.cfg))
+
+    # ------------------------------------------------------------------ loop
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+    def mask_ratio_at(self, epoch_progress: float) -> float:
+        return scheduled_mask_ratio(self.cfg.masking, epoch_progress)
+
+    def train_one_epoch(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch * 1_009 + self.rank)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
+        batches = epoch_batches(len(self.data.pretrain), cfg.batch_size, gen, self.rank, self.world_size)
+        batches = batches[: self.steps_per_epoch * cfg.optim.accum_iter]
+        total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        sums = torch.zeros(4, device=self.device)  # total, mse, freq, unif -- no per-step host sync
+        ratio_sum = 0.0
+        start = time.perf_counter()
+        for i, idx in enumerate(batches):
+            progress = self.epoch + i / len(batches)
+            ratio = self.mask_ratio_at(progress)
+            ratio_sum += ratio
+            if i % cfg.optim.accum_iter == 0:
+                lr = lr_at(self.step, self.base_lr, warmup, total_steps, cfg.optim.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            imgs = normalize(self.data.pretrain.images[idx.to(self.device)])
+            imgs = random_resized_crop_flip(imgs, cfg.data.crop_scale, cfg.data.hflip, gen)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                out = model(imgs, ratio)
+                terms = mae_loss(imgs, out.pred, out.mask, out.latent, cfg.loss, cfg.model.patch_size)
+            (terms.total / cfg.optim.accum_iter).backward()
+            sums += torch.stack([terms.total.detach(), terms.mse.detach(), terms.freq, terms.unif])
+            if (i + 1) % cfg.optim.accum_iter == 0:
+                if cfg.optim.clip_grad:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        total, mse, freq, unif = (sums / len(batches)).tolist()
+        images = len(batches) * cfg.batch_size * self.world_size
+        return {
+            "loss": total, "mse": mse, "freq_loss": freq, "unif_loss": unif,
+            "mask_ratio": ratio_sum / len(batches),
+            "mask_ratio_end": self.mask_ratio_at(self.epoch + 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": elapsed, "throughput_img_s": images / elapsed,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model, self.data.train, self.data.test, self.cfg.eval,
+            self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
+        )
+
+    def save_reconstruction(self, path: str | Path) -> Path:
+        """Reconstruction grid of the first test images under a fixed masking seed."""
+        n = self.cfg.eval.grid_images
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed)
+            images = self.data.test.images[:n].to(self.device)
+            original, recon, mask_px = reconstruct(
+                self.model, images, self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss
+            )
+        return save_reconstruction_grid(original, recon, mask_px, path)
+
+    def fit(self, on_epoch_end: EpochCallback | None = None) -> list[dict[str, float]]:
+        """Run the remaining epochs; returns the full per-epoch history (including resumed epochs)."""
+        while self.epoch < self.cfg.epochs:
+            metrics = self.train_one_epoch()
+            self.epoch += 1
+            last = self.epoch == self.cfg.epochs
+            if self.rank == 0 and (last or self.epoch % self.cfg.eval.every_epochs == 0):
+                metrics.update(self.evaluate())
+            metrics["epoch"] = self.epoch
+            self.history.append(metrics)
+            if on_epoch_end:
+                on_epoch_end(self.epoch, metrics, self)
+        return self.history

@@ -1,0 +1,88 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mae_search.config import DataConfig, ModelConfig
+from mae_search.data import (
+    DataError,
+    epoch_batches,
+    load_cifar10,
+    load_data,
+    load_stl10,
+    random_resized_crop_flip,
+    synthetic_shapes,
+)
+
+
+def test_synthetic_shapes_deterministic_labelled_and_balanced():
+    a, b = synthetic_shapes(200, 32, seed=3), synthetic_shapes(200, 32, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (200, 3, 32, 32)
+    assert torch.bincount(a.labels).tolist() == [20] * 10
+    assert not torch.equal(a.images, synthetic_shapes(200, 32, seed=4).images)
+
+
+def test_missing_paths_give_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10(tmp_path / "nope")
+    with pytest.raises(DataError, match="missing file"):
+        load_stl10(tmp_path)
+    with pytest.raises(ValueError, match="data.path is required"):
+        DataConfig(dataset="stl10")
+
+
+def test_cifar10_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, (tmp_path / "batches.meta").open("wb"))
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": list(range(4))}
+        pickle.dump(batch, (tmp_path / name).open("wb"))
+    train, test = load_cifar10(tmp_path)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.classes[3] == "c3"
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="cannot read"):
+        load_cifar10(tmp_path)
+
+
+def test_stl10_reader_transposes_column_major(tmp_path):
+    img = np.zeros((1, 3, 96, 96), dtype=np.uint8)
+    img[0, :, 0, 5] = 255  # row 0, column 5 in (C, H, W)
+    stored = img.transpose(0, 1, 3, 2)  # STL-10 stores (C, W, H)
+    for split in ("train", "test"):
+        stored.tofile(tmp_path / f"{split}_X.bin")
+        np.array([3], dtype=np.uint8).tofile(tmp_path / f"{split}_y.bin")
+    unlabeled, train, _ = load_stl10(tmp_path)
+    assert train.images[0, 0, 0, 5] == 255 and train.images[0, 0, 5, 0] == 0
+    assert train.labels.tolist() == [2]
+    assert len(unlabeled) == 1
+    (tmp_path / "train_X.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        load_stl10(tmp_path)
+
+
+def test_load_data_resizes_to_model():
+    splits = load_data(DataConfig(num_train=32, num_test=16), ModelConfig(img_size=16, patch_size=4))
+    assert splits.pretrain.images.shape[-1] == 16
+
+
+def test_batched_augmentation_shapes_and_identity_crop():
+    imgs = torch.rand(8, 3, 16, 16)
+    out = random_resized_crop_flip(imgs, (0.3, 1.0), True, torch.Generator().manual_seed(0))
+    assert out.shape == imgs.shape
+    assert not torch.allclose(out, imgs)
+    # Full-area crop with aspect 1 and no flip reproduces the image.
+    same = random_resized_crop_flip(imgs, (1.0, 1.0), False, torch.Generator().manual_seed(0))
+    mse = ((same - imgs) ** 2).mean()
+    assert mse < ((out - imgs) ** 2).mean()
+
+
+def test_epoch_batches_shard_disjointly():
+    g0, g1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    r0 = torch.cat(epoch_batches(100, 10, g0, rank=0, world_size=2))
+    r1 = torch.cat(epoch_batches(100, 10, g1, rank=1, world_size=2))
+    assert len(r0) == len(r1) == 50 and not set(r0.tolist()) & set(r1.tolist())
+    with pytest.raises(DataError, match="smaller than one batch"):
+        epoch_batches(5, 10, torch.Generator())

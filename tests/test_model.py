@@ -1,0 +1,49 @@
+import torch
+
+from mae_search.config import PRESETS, ModelConfig, model_preset
+from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
+
+
+def test_encoder_sees_only_visible_tokens_plus_cls():
+    cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    model = MaskedAutoencoderViT(cfg)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    out = model(torch.randn(2, 3, 16, 16), mask_ratio=0.75)
+    assert seen == [1 + 4]  # 16 patches, 4 kept
+    assert out.pred.shape == (2, 16, 48)
+    assert out.latent.shape == (2, 5, 32)
+
+
+def test_position_embeddings_added_before_masking():
+    """A visible token must carry the position of the patch it came from, not its slot after shuffling."""
+    cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    model = MaskedAutoencoderViT(cfg)
+    imgs = torch.randn(1, 3, 16, 16)
+    full = model.embed(imgs)
+    captured = {}
+    model.blocks[0].register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    torch.manual_seed(0)
+    _, mask, _ = model.forward_encoder(imgs, 0.5)
+    visible_rows = full[0, mask[0] == 0]
+    fed = captured["x"][0, 1:]
+    for row in fed:
+        assert torch.isclose(visible_rows, row).all(dim=1).any()
+
+
+def test_presets_build_and_paper_decoder():
+    for name in ("vit-b16", "vit-l16", "vit-h14"):
+        cfg = model_preset(name)
+        assert (cfg.decoder_embed_dim, cfg.decoder_depth) == (512, 8)
+    assert set(PRESETS) >= {"tiny", "vit-b16", "vit-l16", "vit-h14"}
+    model = MaskedAutoencoderViT(model_preset("tiny"))
+    assert model(torch.randn(1, 3, 32, 32)).pred.shape == (1, 64, 48)
+
+
+def test_encoder_state_dict_has_no_decoder():
+    model = MaskedAutoencoderViT(model_preset("tiny"))
+    keys = encoder_state_dict(model)
+    assert keys and not any(k.startswith("decoder") or k == "mask_token" for k in keys)
+    assert "cls_token" in keys and "blocks.0.attn.qkv.weight" in keys
