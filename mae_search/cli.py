@@ -76,6 +76,82 @@ def train(
     console.print(f"done: checkpoint {ckpt}, metrics {out / 'metrics.jsonl'}, grid {grid}")
 
 
+@app.command()
+def search(
+    space_file: Annotated[Path, typer.Argument(help="search_spaces/<name>.yaml")],
+    storage: Annotated[Path, typer.Option(help="results root (local dir or shared filesystem)")] = Path("results"),
+    address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
+    resume: Annotated[bool, typer.Option(help="resume an interrupted search; finished trials are not rerun")] = False,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override base config: data.path=/data")] = None,
+) -> None:
+    """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA)."""
+    from mae_search.ray_search import run_search
+    from mae_search.results import ResultsTableCallback, final_rows, read_results
+    from mae_search.search_space import load_search_space
+
+    try:
+        space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
+        search_dir = storage.expanduser().resolve() / space.name
+        max_epochs = space.scheduler.max_epochs or space.base_config().epochs
+        callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space)]
+        console.print(
+            f"search [bold]{space.name}[/]: {space.total_trials()} trials "
+            f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
+            f"results in {search_dir}"
+        )
+        grid = run_search(space, storage, address=address, resume=resume, callbacks=callbacks, num_cpus=num_cpus)
+    except ValueError as exc:
+        _fail(str(exc))
+    table = final_rows(read_results(search_dir))
+    _print_trials(table, space.primary.metric, space.primary.mode)
+    console.print(f"{len(table)} trials in {grid.wall_time_s:.0f}s; table: {search_dir / 'results.parquet'}")
+
+
+@app.command("list")
+def list_searches(
+    storage: Annotated[Path, typer.Option(help="results root")] = Path("results"),
+) -> None:
+    """Show the searches under STORAGE with their trial counts and best trial."""
+    from rich.table import Table
+
+    from mae_search.results import RESULTS_FILE, search_summary
+
+    dirs = sorted(p.parent for p in storage.glob(f"*/{RESULTS_FILE}"))
+    if not dirs:
+        _fail(f"no searches under {storage}")
+    table = Table("search", "trials", "status", "objective", "best", "best trial")
+    for d in dirs:
+        s = search_summary(d)
+        best = s["best"]
+        table.add_row(
+            s["name"], str(s["trials"]), ", ".join(f"{k}: {v}" for k, v in sorted(s["counts"].items())),
+            f"{s['mode']} {s['metric']}",
+            "-" if best is None else f"{best[s['metric']]:.4g}",
+            "-" if best is None else str(best["trial_id"]),
+        )
+    console.print(table)
+
+
+def _print_trials(df, metric: str, mode: str) -> None:
+    from rich.table import Table
+
+    if df.empty:
+        console.print("no trial reported a result")
+        return
+    params = [c for c in df.columns if c.startswith("param.")]
+    df = df.sort_values(metric, ascending=mode == "min", na_position="last") if metric in df else df
+    table = Table("trial", "status", "seed", *[p.removeprefix("param.") for p in params], "epochs", metric)
+    for _, row in df.iterrows():
+        value = row.get(metric)
+        table.add_row(
+            row["trial_id"], row["status"], str(row["seed"]), *[f"{row[p]:.4g}" if isinstance(row[p], float)
+                                                               else str(row[p]) for p in params],
+            str(row["epoch"]), "-" if value is None or value != value else f"{value:.4g}",
+        )
+    console.print(table)
+
+
 def _parse_assignment(text: str) -> tuple[str, object]:
     import yaml
 

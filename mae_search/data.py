@@ -9,6 +9,7 @@ classic per-sample DataLoader the bottleneck.
 
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +275,7 @@ def random_resized_crop_flip(
     dev = images.device
     rand = torch.rand(b, 4, generator=generator, device="cpu").to(dev)
     area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
-    log_ratio = torch.log(torch.tensor(3 / 4)) + (torch.log(torch.tensor(4 / 3)) - torch.log(torch.tensor(3 / 4))) * rand[:, 1]
-    ratio = torch.exp(log_ratio.to(dev))
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
     w = torch.sqrt(area * ratio).clamp(max=1.0)
     h = torch.sqrt(area / ratio).clamp(max=1.0)
     cx = (rand[:, 2] * 2 - 1) * (1 - w)

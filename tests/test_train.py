@@ -4,7 +4,6 @@ import torch
 from mae_search.checkpoint import CheckpointError
 from mae_search.config import ConfigError, TrainConfig
 from mae_search.train import Trainer, lr_at, param_groups
-from tests.conftest import micro_config
 
 
 def test_lr_schedule_warmup_then_cosine():

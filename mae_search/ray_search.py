@@ -1,0 +1,278 @@
+"""Ray wiring: each Tune trial launches a Ray Train ``TorchTrainer`` running the MAE trainer.
+
+Ray 2.60 uses Train V2, where a Trainer cannot be handed to a Tuner. Instead
+the Tune trainable (:func:`run_trial`) builds a TorchTrainer and calls
+``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, so
+Optuna sees them and ASHA can stop the trial between epochs.
+
+Layout under ``<storage>/<search name>/``: Tune's experiment state, one
+``train_runs/<trial id>/`` per trial (Ray Train checkpoints; a failed worker
+group restarts from there, and a resumed search's unfinished trial too,
+because its Train run keeps the same name), and ``results.parquet``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mae_search.checkpoint import CHECKPOINT_FILE
+from mae_search.config import ConfigError, TrainConfig
+from mae_search.search_space import SearchSpace
+from mae_search.train import Trainer
+
+SPACE_FILE = "search_space.json"
+# The Tune-side driver of a trial only waits on its Ray Train run. It takes no
+# CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
+# leaves every CPU to the training workers; see plan_concurrency.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1024 * 1024}
+TRAIN_RUNS_DIR = "train_runs"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: the plain Trainer, reporting through ``ray.train.report``."""
+    cfg = TrainConfig.model_validate(loop_config["train_config"])
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    trainer = Trainer(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(), wrap_model=wrap)
+
+    restored_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            trainer.resume(Path(ckpt_dir) / CHECKPOINT_FILE)
+        restored_from = trainer.epoch
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
+        report = {**metrics, "pretrain_time_s": sum(h["epoch_time_s"] for h in t.history),
+                  "restored_from_epoch": restored_from}
+        if rank != 0:
+            ray.train.report(report, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            t.save(Path(tmp) / CHECKPOINT_FILE)
+            t.save_reconstruction(Path(tmp) / "reconstruction.png")
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    trainer.fit(on_epoch_end)
+
+
+# --------------------------------------------------------------------------- trial driver
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, storage: str) -> None:
+    """Tune trainable: one trial = one (possibly multi-worker) Ray Train run."""
+    params = {k: v for k, v in config.items() if k != "seed"}
+    cfg = space.trial_config(params, seed=int(config["seed"]))
+    res = space.resources
+    trial_id = tune.get_context().get_trial_id()
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=trial_id,
+            storage_path=str(Path(storage) / space.name / TRAIN_RUNS_DIR),
+            failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- search driver
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune search space: grid ablations use grid_search (every value), otherwise Tune domains for Optuna."""
+    out: dict[str, Any] = {}
+    for key, dim in space.dimensions.items():
+        kind = dim.kind
+        if kind in ("grid", "variants"):
+            out[key] = tune.grid_search(dim.values) if space.is_grid else tune.choice(dim.values)
+        elif kind == "choice":
+            out[key] = tune.choice(dim.choice)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*dim.uniform)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*dim.loguniform)
+        else:
+            out[key] = tune.randint(dim.int[0], dim.int[1] + 1)
+    out["seed"] = tune.grid_search(space.seeds) if space.is_grid and len(space.seeds) > 1 else space.seeds[0]
+    return out
+
+
+def make_searcher(space: SearchSpace) -> Any:
+    """OptunaSearch with the file's sampler (multi-objective when several objectives are given)."""
+    if space.is_grid:
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = space.seeds[0]
+    points = space.initial_points or None
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+    }
+    objectives = space.objectives
+    if len(objectives) == 1:
+        return OptunaSearch(sampler=samplers[space.sampler](), metric=objectives[0].metric,
+                            mode=objectives[0].mode, points_to_evaluate=points)
+    return OptunaSearch(
+        sampler=samplers[space.sampler](),
+        points_to_evaluate=points,
+        metric=[o.metric for o in objectives],
+        mode=[o.mode for o in objectives],
+    )
+
+
+def make_scheduler(space: SearchSpace, epochs: int) -> Any:
+    if space.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = space.scheduler
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=space.primary.metric,
+        mode=space.primary.mode,
+        max_t=s.max_epochs or epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
+
+
+@dataclass
+class ClusterPlan:
+    """How many trials can run at once without any of them waiting forever for its workers."""
+
+    concurrency: int
+    cpus: float
+    gpus: float
+
+
+def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPlan:
+    """Cap concurrent trials by what the cluster can actually hold.
+
+    Each trial's Ray Train workers reserve ``workers x (cpus, gpus)`` in their
+    own placement group; the Tune-side driver of a trial takes no CPU. Letting
+    Tune start more trials than fit makes the extra worker groups wait until
+    Train's start-up timeout, which on a 2-core laptop looks like a hang.
+    """
+    res = space.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    need_cpu = res.workers * res.cpus_per_worker
+    need_gpu = res.workers * res.gpus_per_worker
+    fits = math.floor(cpus / need_cpu + 1e-9)
+    if need_gpu > 0:
+        fits = min(fits, math.floor(gpus / need_gpu + 1e-9))
+    if fits < 1:
+        raise ConfigError(
+            f"search '{space.name}': a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
+            f"but the cluster has {cpus:g} CPU and {gpus:g} GPU (lower resources: in the space file)"
+        )
+    return ClusterPlan(concurrency=min(space.max_concurrent_trials, fits), cpus=cpus, gpus=gpus)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (``auto``, ``ray://host:10001``), or start a local instance for this search."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The dashboard process also serves the State API, which Train V2's
+        # placement-group cleaner needs to notice a finished trial.
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurrency: int) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
+    )
+    base = space.base_config()
+    single = len(space.objectives) == 1
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=space.primary.metric if single else None,
+            mode=space.primary.mode if single else None,
+            search_alg=make_searcher(space),
+            scheduler=make_scheduler(space, base.epochs),
+            num_samples=space.num_samples,
+            max_concurrent_trials=concurrency,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=space.name,
+            storage_path=storage,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def run_search(
+    space: SearchSpace,
+    storage: str | Path,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+    num_cpus: int | None = None,
+) -> tune.ResultGrid:
+    """Run (or resume) a search to completion and return Tune's ResultGrid."""
+    storage = str(Path(storage).expanduser().resolve())
+    exp_dir = Path(storage) / space.name
+    init_ray(address, num_cpus)
+    plan = plan_concurrency(space, ray.cluster_resources())
+    started = time.time()
+    if resume:
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
+        )
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(
+                f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
+            )
+        tuner = build_tuner(space, storage, callbacks or [], plan.concurrency)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))
+    grid = tuner.fit()
+    grid.wall_time_s = time.time() - started  # type: ignore[attr-defined]
+    return grid

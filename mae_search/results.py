@@ -1,0 +1,141 @@
+"""The search results table: one row per trial-epoch, in ``<search dir>/results.parquet``.
+
+Written by a Tune callback on the driver after every reported epoch (atomic
+replace), so a crash or Ctrl-C never loses what finished, and a resumed search
+appends to what is there. This table is the input of the report generator.
+
+Columns: search, trial_id, status (running | completed | stopped_early |
+failed), error, seed, ``param.<dotted key>`` for each searched dimension,
+epoch, every reported metric, trial_time_s, checkpoint_path, config_json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import Callback
+
+RESULTS_FILE = "results.parquet"
+STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "running", "completed", "stopped_early", "failed"
+_SKIP = {"config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid",
+         "time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp",
+         "checkpoint_dir_name", "experiment_tag", "time_total_s", "should_checkpoint", "checkpoint_path"}
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Load a results table (a file, or a search directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results table")
+    return pd.read_parquet(path)
+
+
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The last reported epoch of each trial (what a table of final metrics shows)."""
+    return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
+
+
+class ResultsTableCallback(Callback):
+    """Collects every trial's per-epoch results and keeps the Parquet table current."""
+
+    def __init__(self, search_dir: str | Path, search_name: str, max_epochs: int, space_cfg: Any) -> None:
+        self.path = Path(search_dir) / RESULTS_FILE
+        self.search = search_name
+        self.max_epochs = max_epochs
+        self.space = space_cfg
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.status: dict[str, tuple[str, str]] = {}
+
+    def setup(self, **info: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():  # resumed search: keep what earlier runs recorded
+            for row in pd.read_parquet(self.path).to_dict("records"):
+                self.rows[(row["trial_id"], int(row["epoch"]))] = row
+                self.status[row["trial_id"]] = (row["status"], row.get("error") or "")
+
+    def _base_row(self, trial: Any, config: dict[str, Any], epoch: int) -> dict[str, Any]:
+        seed = int(config.get("seed", 0))
+        params = {k: v for k, v in config.items() if k != "seed"}
+        return {
+            "search": self.search,
+            "trial_id": trial.trial_id,
+            "seed": seed,
+            **{f"param.{k}": v for k, v in params.items()},
+            "epoch": epoch,
+            "config_json": self.space.trial_config(params, seed).model_dump_json(),
+        }
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        epoch = int(result.get("epoch", result["training_iteration"]))
+        row = {
+            **self._base_row(trial, dict(result.get("config", trial.config)), epoch),
+            **{k: v for k, v in result.items() if k not in _SKIP and isinstance(v, int | float)},
+            "trial_time_s": float(result.get("time_total_s", 0.0)),
+            "checkpoint_path": result.get("checkpoint_path") or "",
+        }
+        self.rows[(trial.trial_id, epoch)] = row
+        self.status.setdefault(trial.trial_id, (STATUS_RUNNING, ""))
+        if self.status[trial.trial_id][0] == STATUS_RUNNING:
+            self._write()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = max((e for t, e in self.rows if t == trial.trial_id), default=0)
+        self.status[trial.trial_id] = (STATUS_COMPLETED if last >= self.max_epochs else STATUS_STOPPED, "")
+        self._write()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            error = lines[-1][:500] if lines else ""
+        self.status[trial.trial_id] = (STATUS_FAILED, error or "trial failed")
+        if not any(t == trial.trial_id for t, _ in self.rows):  # failed before its first epoch
+            self.rows[(trial.trial_id, 0)] = self._base_row(trial, dict(trial.config), 0)
+        self._write()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._write()
+
+    def table(self) -> pd.DataFrame:
+        records = []
+        for (trial_id, _), row in sorted(self.rows.items()):
+            status, error = self.status.get(trial_id, (STATUS_RUNNING, ""))
+            records.append({**row, "status": status, "error": error})
+        df = pd.DataFrame.from_records(records)
+        if not df.empty:
+            front = ["search", "trial_id", "status", "error", "seed", "epoch"]
+            df = df[front + [c for c in df.columns if c not in front]]
+        return df
+
+    def _write(self) -> None:
+        df = self.table()
+        if not df.empty:
+            write_atomic(df, self.path)
+
+
+def search_summary(search_dir: Path) -> dict[str, Any]:
+    """Name, trial counts by status and best final metric of a search directory (for ``mae-search list``)."""
+    from mae_search.ray_search import SPACE_FILE
+
+    space = json.loads((search_dir / SPACE_FILE).read_text())
+    objective = space["objectives"][0]
+    df = final_rows(read_results(search_dir))
+    counts = df["status"].value_counts().to_dict()
+    metric, mode = objective["metric"], objective["mode"]
+    best = None
+    if metric in df and df[metric].notna().any():
+        idx = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+        best = df.loc[idx]
+    return {"name": space["name"], "trials": len(df), "counts": counts, "metric": metric, "mode": mode,
+            "best": best}

@@ -1,0 +1,260 @@
+"""Declarative search spaces: a YAML file under search_spaces/ validated into typed objects.
+
+A file names the base TrainConfig, the dimensions to vary (dotted TrainConfig
+keys), what to optimise, how many trials, the scheduler and the resources per
+trial. Every problem is reported as one line naming the file and the key.
+
+Example (search_spaces/mask_ratio_tiny.yaml)::
+
+    name: mask-ratio-tiny
+    base: {epochs: 3, optim: {blr: 5.0e-3}}
+    dimensions:
+      masking.mask_ratio: {grid: [0.15, 0.5, 0.75, 0.9]}
+    metric: linear_probe_acc
+    mode: max
+    scheduler: {type: none}
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mae_search.config import ConfigError, TrainConfig, describe_validation_error, known_parameters
+
+METRICS = (
+    "loss", "mse", "freq_loss", "unif_loss", "linear_probe_acc", "knn_acc", "psnr", "masked_hf_error",
+    "pretrain_time_s", "throughput_img_s",
+)
+
+
+EVAL_METRICS = ("linear_probe_acc", "knn_acc", "psnr", "masked_hf_error")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dimension(_Strict):
+    """Exactly one of: grid (fixed values, a one-factor ablation), choice, uniform, loguniform, int,
+    or variants (named bundles of settings, e.g. original vs improved MAE; run like a grid)."""
+
+    grid: list[Any] | None = None
+    variants: dict[str, dict[str, Any]] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Dimension:
+        set_kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform, int")
+        kind = set_kinds[0]
+        if kind in ("grid", "choice", "variants") and not getattr(self, kind):
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "int"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind} range [{lo}, {hi}] must have low < high")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform range [{lo}, {hi}] must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must each give a valid TrainConfig: every listed value, or the range ends."""
+        value = getattr(self, self.kind)
+        return list(value.values()) if self.kind == "variants" else list(value)
+
+    @property
+    def values(self) -> list[Any]:
+        """The discrete values a grid runs (variant names for variants)."""
+        return list(self.variants) if self.kind == "variants" else list(self.grid or self.choice or [])
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"]
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Objective:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)})")
+        return self
+
+
+class SchedulerSpec(_Strict):
+    """ASHA early stopping, in epochs; ``none`` runs every trial to the end (a full ablation)."""
+
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_epochs: int | None = Field(None, ge=1)
+
+
+class Resources(_Strict):
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SearchSpace(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    factor: str | None = Field(None, description="the ablated parameter a report table is built around")
+    base: dict[str, Any] = Field(default_factory=dict)
+    dimensions: dict[str, Dimension] = Field(default_factory=dict)
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
+    objectives: list[Objective] | None = None
+    num_samples: int = Field(1, ge=1, description="Optuna: trials; grid: repetitions of the whole grid")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    sampler: Literal["tpe", "random", "cmaes", "nsga2", "gp"] = "tpe"
+    scheduler: SchedulerSpec = SchedulerSpec()
+    initial_points: list[dict[str, Any]] = Field(
+        default_factory=list, description="Optuna: configurations to evaluate first (known-good settings)"
+    )
+    max_concurrent_trials: int = Field(2, ge=1)
+    resources: Resources = Resources()
+    max_failures: int = Field(2, ge=0, description="restarts of a trial from its last checkpoint")
+    experiment: str | None = Field(None, description="MLflow experiment name; defaults to the space name")
+
+    @model_validator(mode="after")
+    def _objectives(self) -> SearchSpace:
+        if self.objectives is None:
+            if self.metric is None or self.mode is None:
+                raise ValueError("give metric and mode, or objectives")
+            self.objectives = [Objective(metric=self.metric, mode=self.mode)]
+        elif self.metric is not None:
+            raise ValueError("give either metric/mode or objectives, not both")
+        if len(self.objectives) > 1 and self.scheduler.type == "asha":
+            raise ValueError("ASHA needs a single metric; use scheduler: {type: none} with several objectives")
+        return self
+
+    # ----------------------------------------------------------------- derived
+
+    @property
+    def primary(self) -> Objective:
+        return self.objectives[0]
+
+    @property
+    def is_grid(self) -> bool:
+        """A grid ablation runs every listed value; any sampled dimension makes it an Optuna search."""
+        return all(d.kind in ("grid", "variants") for d in self.dimensions.values())
+
+    @property
+    def ablated_factor(self) -> str | None:
+        if self.factor:
+            return self.factor
+        return next(iter(self.dimensions)) if len(self.dimensions) == 1 else None
+
+    def base_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.base, source="base")
+
+    def trial_config(self, params: dict[str, Any], seed: int) -> TrainConfig:
+        """Resolve a trial's parameters (variant names expand to their settings) into a TrainConfig."""
+        overrides: dict[str, Any] = {}
+        for key, value in params.items():
+            dim = self.dimensions.get(key)
+            if dim is not None and dim.kind == "variants":
+                overrides.update(dim.variants[value])
+            else:
+                overrides[key] = value
+        return self.base_config().with_overrides({**overrides, "seed": seed}, source=f"search '{self.name}'")
+
+    def grid_size(self) -> int:
+        return math.prod(len(d.values) for d in self.dimensions.values()) if self.is_grid else 0
+
+    def total_trials(self) -> int:
+        if self.is_grid:
+            return max(1, self.grid_size()) * len(self.seeds) * self.num_samples
+        return self.num_samples
+
+
+def load_search_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Read and fully validate a search-space file; raise ConfigError with one line on any problem.
+
+    ``overrides`` (dotted keys) are applied to ``base`` first, e.g. ``data.path``
+    for a space written for a data set that lives at a different path here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: search space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        base = raw.get("base") or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: base: expected a mapping")
+        try:
+            merged = TrainConfig.from_dict(base, source=f"{path}: base").with_overrides(overrides, source="--set")
+        except ConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        raw = {**raw, "base": merged.model_dump(mode="json")}
+    return parse_search_space(raw, str(path))
+
+
+def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+    try:
+        base = space.base_config()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    known = set(known_parameters(base))
+    for key, dim in space.dimensions.items():
+        if dim.kind == "variants":
+            for variant, settings in dim.variants.items():
+                try:
+                    base.with_overrides(settings, source="")
+                except ConfigError as exc:
+                    detail = str(exc).removeprefix(": ")
+                    raise ConfigError(f"{source}: dimensions.{key}.{variant}: {detail}") from None
+            continue
+        if key not in known or key == "seed":
+            raise ConfigError(f"{source}: dimensions.{key}: unknown parameter (use seeds: for seeds)")
+        for value in dim.probe_values():
+            try:
+                base.with_overrides({key: value}, source="")
+            except ConfigError as exc:
+                detail = str(exc).removeprefix(": ")
+                raise ConfigError(f"{source}: dimensions.{key}: value {value!r} is invalid ({detail})") from None
+    if space.scheduler.type == "asha" and space.scheduler.max_epochs and space.scheduler.max_epochs > base.epochs:
+        raise ConfigError(
+            f"{source}: scheduler.max_epochs {space.scheduler.max_epochs} exceeds base epochs {base.epochs}"
+        )
+    for i, point in enumerate(space.initial_points):
+        if set(point) != set(space.dimensions):
+            dims = ", ".join(sorted(space.dimensions))
+            raise ConfigError(f"{source}: initial_points[{i}]: must give exactly the dimensions {dims}")
+        try:
+            base.with_overrides(point, source="")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: initial_points[{i}]: {str(exc).removeprefix(': ')}") from None
+    if space.initial_points and space.is_grid:
+        raise ConfigError(f"{source}: initial_points: only for Optuna searches (a grid runs every value anyway)")
+    evaluated = space.primary.metric in EVAL_METRICS
+    if evaluated and space.scheduler.type == "asha" and base.eval.every_epochs != 1:
+        raise ConfigError(
+            f"{source}: base.eval.every_epochs must be 1 when ASHA decides on '{space.primary.metric}' every epoch"
+        )
+    if not space.is_grid and len(space.seeds) > 1:
+        raise ConfigError(f"{source}: seeds: several seeds per configuration need a grid search (all dimensions grid)")
+    return space
