@@ -103,9 +103,18 @@ def search(
         grid = run_search(space, storage, address=address, resume=resume, callbacks=callbacks, num_cpus=num_cpus)
     except ValueError as exc:
         _fail(str(exc))
-    table = final_rows(read_results(search_dir))
+    try:
+        table = final_rows(read_results(search_dir))
+    except FileNotFoundError:
+        _fail(f"search '{space.name}' ended before any trial reported a result")
     _print_trials(table, space.primary.metric, space.primary.mode)
     console.print(f"{len(table)} trials in {grid.wall_time_s:.0f}s; table: {search_dir / 'results.parquet'}")
+    unfinished = int((table["status"] == "running").sum())
+    if unfinished or len(table) < space.total_trials():
+        console.print(
+            f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "
+            f"mae-search search {space_file} --storage {storage} --resume"
+        )
 
 
 @app.command("list")

@@ -143,8 +143,8 @@ def make_searcher(space: SearchSpace) -> Any:
     }
     objectives = space.objectives
     if len(objectives) == 1:
-        return OptunaSearch(sampler=samplers[space.sampler](), metric=objectives[0].metric,
-                            mode=objectives[0].mode, points_to_evaluate=points)
+        # metric/mode come from TuneConfig for a single objective.
+        return OptunaSearch(sampler=samplers[space.sampler](), points_to_evaluate=points)
     return OptunaSearch(
         sampler=samplers[space.sampler](),
         points_to_evaluate=points,
@@ -160,9 +160,7 @@ def make_scheduler(space: SearchSpace, epochs: int) -> Any:
 
     s = space.scheduler
     return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=space.primary.metric,
-        mode=space.primary.mode,
+        time_attr="training_iteration",  # metric/mode come from TuneConfig
         max_t=s.max_epochs or epochs,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,

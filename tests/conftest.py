@@ -28,3 +28,46 @@ def micro_config(**overrides) -> TrainConfig:
 @pytest.fixture
 def micro_cfg() -> TrainConfig:
     return micro_config()
+
+
+# ----------------------------------------------------------------------------- end-to-end helpers
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MICRO_BASE = """
+base:
+  epochs: {epochs}
+  batch_size: 32
+  model: {{img_size: 16, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2,
+          decoder_embed_dim: 16, decoder_depth: 1, decoder_num_heads: 2}}
+  optim: {{blr: 5.0e-3, warmup_epochs: 0.5}}
+  data: {{num_train: {num_train}, num_test: 64}}
+  eval: {{probe_epochs: 2, grid_images: 4}}
+"""
+
+
+def micro_space(tmp_path: Path, name: str, body: str, epochs: int = 3, num_train: int = 256) -> Path:
+    """Write a search space with a micro model (seconds per epoch) and return its path."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\n" + MICRO_BASE.format(epochs=epochs, num_train=num_train) + body)
+    return path
+
+
+def cli(*args: str, timeout: float = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Run ``mae-search ARGS`` as a user would, in a fresh interpreter."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "mae_search.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mae-search {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def cli_popen(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mae_search.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,0 +1,125 @@
+"""End-to-end searches through a real local Ray instance (started and stopped by each run)."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from mae_search.results import read_results
+from tests.conftest import cli, cli_popen, micro_space
+
+pytestmark = pytest.mark.slow
+
+
+def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
+    # blr 5e-3 learns; 1e-7 cannot. Evaluated first and in that order (one at a time), ASHA
+    # must stop the second at its first rung because its loss is far above the first's.
+    space = micro_space(tmp_path, "asha", """
+dimensions:
+  optim.blr: {loguniform: [1.0e-7, 1.0e-2]}
+initial_points:
+  - {optim.blr: 5.0e-3}
+  - {optim.blr: 1.0e-7}
+metric: loss
+mode: min
+num_samples: 4
+sampler: tpe
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+max_concurrent_trials: 1
+""")
+    out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
+    df = read_results(tmp_path / "results" / "asha")
+    final = df.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+    assert len(final) == 4, out.stdout
+    assert (final["status"] == "stopped_early").sum() >= 1
+    bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
+    assert bad["status"].item() == "stopped_early" and bad["epoch"].item() < 3
+    assert final[np.isclose(final["param.optim.blr"], 5e-3)]["status"].item() == "completed"
+    # One row per trial and epoch, with the config that produced it.
+    assert set(df.groupby("trial_id")["epoch"].apply(lambda e: tuple(sorted(e)))) >= {(1, 2, 3)}
+    assert {"loss", "mse", "mask_ratio", "lr", "linear_probe_acc", "psnr", "config_json"} <= set(df.columns)
+    listing = cli("list", "--storage", str(tmp_path / "results")).stdout
+    assert "asha" in listing and "min loss" in listing
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_killed_worker_resumes_from_checkpoint(tmp_path):
+    space = micro_space(tmp_path, "fault", """
+dimensions:
+  masking.mask_ratio: {grid: [0.75]}
+metric: loss
+mode: min
+scheduler: {type: none}
+max_failures: 2
+""", epochs=8, num_train=3000)
+    proc = cli_popen("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
+    table = tmp_path / "results" / "fault" / "results.parquet"
+    deadline = time.time() + 300
+    # Once Tune has epoch 2, the checkpoint of epoch 1 is registered with Ray Train.
+    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 2):
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-4000:]
+    df = read_results(tmp_path / "results" / "fault").sort_values("epoch")
+    assert df["epoch"].tolist() == list(range(1, 9))
+    assert (df["status"] == "completed").all()
+    assert df["restored_from_epoch"].iloc[-1] >= 1, "the restarted worker did not resume from a checkpoint"
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    space = micro_space(tmp_path, "resume", """
+dimensions:
+  masking.mask_ratio: {grid: [0.5, 0.75, 0.9]}
+metric: loss
+mode: min
+scheduler: {type: none}
+max_concurrent_trials: 1
+""", epochs=3, num_train=1500)
+    storage = tmp_path / "results"
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    table = storage / "resume" / "results.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if table.is_file() and (read_results(table)["status"] == "completed").any():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    before = read_results(table)
+    finished = set(before.loc[before["status"] == "completed", "trial_id"])
+    assert finished and len(finished) < 3, output[-3000:]
+    stamps = {p: p.stat().st_mtime for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")}
+
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--resume")
+    after = read_results(table)
+    final = after.sort_values("epoch").groupby("trial_id").tail(1)
+    assert len(final) == 3 and (final["status"] == "completed").all(), out.stdout[-3000:]
+    # Finished trials were not run again: their rows and files are untouched.
+    for t in finished:
+        old = before[before["trial_id"] == t].reset_index(drop=True)
+        new = after[after["trial_id"] == t].reset_index(drop=True)
+        assert old["trial_time_s"].tolist() == new["trial_time_s"].tolist()
+    assert all(p.stat().st_mtime == m for p, m in stamps.items() if p.exists())
+    assert not {p for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")} - set(stamps)
+
+
+def test_existing_search_needs_resume_flag(tmp_path):
+    space = micro_space(tmp_path, "dup", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n", epochs=1)
+    cli("search", str(space), "--storage", str(tmp_path / "r"), "--num-cpus", "2")
+    again = cli("search", str(space), "--storage", str(tmp_path / "r"), "--num-cpus", "2", check=False)
+    assert again.returncode == 2 and "already exists" in again.stdout and "--resume" in again.stdout

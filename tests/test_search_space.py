@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+
+from mae_search.config import ConfigError
+from mae_search.ray_search import param_space, plan_concurrency
+from mae_search.search_space import load_search_space
+
+SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+
+VALID = """
+name: t
+base: {epochs: 3}
+dimensions:
+  masking.mask_ratio: {grid: [0.5, 0.75]}
+metric: linear_probe_acc
+mode: max
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_space_loads_and_has_a_tiny_twin():
+    names = {p.stem for p in SPACES}
+    assert {"mask_ratio", "curriculum_start", "decoder", "loss_weights", "improvements", "joint"} <= names
+    for path in SPACES:
+        space = load_search_space(path)
+        assert space.total_trials() >= 1
+        if not path.stem.endswith("_tiny"):
+            assert path.stem + "_tiny" in names
+
+
+def test_valid_space_round_trip(tmp_path):
+    space = load_search_space(write(tmp_path, VALID))
+    assert space.is_grid and space.total_trials() == 2
+    assert space.trial_config({"masking.mask_ratio": 0.5}, seed=3).masking.mask_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("metric: linear_probe_acc", "metric: linear_probe_acc\ncolour: blue"), "colour: unknown key"),
+        (("masking.mask_ratio: {grid: [0.5, 0.75]}", "masking.mask_ration: {grid: [0.5]}"),
+         "dimensions.masking.mask_ration: unknown parameter"),
+        (("{grid: [0.5, 0.75]}", "{grid: [0.5, 1.5]}"), "dimensions.masking.mask_ratio: value 1.5 is invalid"),
+        (("{grid: [0.5, 0.75]}", "{uniform: [0.9, 0.5]}"), "must have low < high"),
+        (("{grid: [0.5, 0.75]}", "{loguniform: [0.0, 0.5]}"), "must be positive"),
+        (("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9], grid: [0.5]}"), "exactly one of"),
+        (("{grid: [0.5, 0.75]}", "{uniform: [a, b]}"), "dimensions.masking.mask_ratio.uniform.0"),
+        (("metric: linear_probe_acc", "metric: accuracy"), "unknown metric 'accuracy'"),
+        (("base: {epochs: 3}", "base: {epochs: -1}"), "epochs: Input should be greater than or equal to 1"),
+        (("mode: max", "mode: maximise"), "mode: Input should be 'max' or 'min'"),
+        (("name: t", "name: t\nscheduler: {type: asha, max_epochs: 9}"), "max_epochs 9 exceeds base epochs 3"),
+    ],
+)
+def test_bad_spaces_give_one_line_errors_naming_file_and_key(tmp_path, change, expected):
+    path = write(tmp_path, VALID.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_search_space(path)
+    message = str(info.value)
+    assert expected in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_search_space(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_search_space(tmp_path / "absent.yaml")
+
+
+def test_variants_expand_to_their_settings(tmp_path):
+    space = load_search_space(Path(__file__).parent.parent / "search_spaces" / "improvements_tiny.yaml")
+    cfg = space.trial_config({"variant": "improved"}, seed=0)
+    assert cfg.masking.curriculum and cfg.loss.freq_weight == 0.05 and cfg.loss.unif_weight == 0.01
+    assert space.trial_config({"variant": "original"}, seed=0).loss.freq_weight == 0.0
+    bad = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "v: {variants: {a: {loss.nope: 1}}}")
+    with pytest.raises(ConfigError, match=r"dimensions.v.a: .*unknown parameter 'loss.nope'"):
+        load_search_space(write(tmp_path, bad))
+
+
+def test_seeds_multiply_grid_and_param_space(tmp_path):
+    space = load_search_space(write(tmp_path, VALID + "seeds: [0, 1, 2]\n"))
+    assert space.total_trials() == 6
+    assert param_space(space)["seed"] == {"grid_search": [0, 1, 2]}
+    optuna = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}") + "seeds: [0, 1]\n"
+    with pytest.raises(ConfigError, match="several seeds per configuration need a grid"):
+        load_search_space(write(tmp_path, optuna))
+
+
+def test_asha_needs_per_epoch_evaluation(tmp_path):
+    text = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {every_epochs: 2}}")
+    with pytest.raises(ConfigError, match="every_epochs must be 1"):
+        load_search_space(write(tmp_path, text))
+
+
+def test_overrides_apply_to_base(tmp_path):
+    space = load_search_space(write(tmp_path, VALID), overrides={"data.num_train": 64})
+    assert space.base_config().data.num_train == 64
+    with pytest.raises(ConfigError, match="unknown parameter 'data.nope'"):
+        load_search_space(write(tmp_path, VALID), overrides={"data.nope": 1})
+
+
+def test_concurrency_respects_cluster(tmp_path):
+    space = load_search_space(write(tmp_path, VALID + "max_concurrent_trials: 8\n"))
+    assert plan_concurrency(space, {"CPU": 2}).concurrency == 2
+    assert plan_concurrency(space, {"CPU": 16}).concurrency == 8
+    gpu_res = "resources: {workers: 2, cpus_per_worker: 2, gpus_per_worker: 1}\n"
+    gpu = load_search_space(write(tmp_path, VALID + gpu_res))
+    assert plan_concurrency(gpu, {"CPU": 16, "GPU": 4}).concurrency == 2
+    with pytest.raises(ConfigError, match="needs 4 CPU and 2 GPU"):
+        plan_concurrency(gpu, {"CPU": 16, "GPU": 1})
