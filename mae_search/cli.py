@@ -84,17 +84,26 @@ def search(
     resume: Annotated[bool, typer.Option(help="resume an interrupted search; finished trials are not rerun")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override base config: data.path=/data")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow server or store; default MLFLOW_TRACKING_URI, else STORAGE/mlflow.db")] = None,
+    mlflow: Annotated[bool, typer.Option(help="log the search to MLflow")] = True,
 ) -> None:
-    """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA)."""
+    """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     from mae_search.ray_search import run_search
     from mae_search.results import ResultsTableCallback, final_rows, read_results
     from mae_search.search_space import load_search_space
+    from mae_search.tracking import MLflowSearchCallback, check_tracking, resolve_tracking_uri
 
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         search_dir = storage.expanduser().resolve() / space.name
         max_epochs = space.scheduler.max_epochs or space.base_config().epochs
         callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space)]
+        if mlflow:
+            uri = resolve_tracking_uri(tracking_uri, storage)
+            check_tracking(uri)
+            callbacks.append(MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs))
+            console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
         console.print(
             f"search [bold]{space.name}[/]: {space.total_trials()} trials "
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
@@ -140,6 +149,27 @@ def list_searches(
             "-" if best is None else str(best["trial_id"]),
         )
     console.print(table)
+
+
+@app.command()
+def ui(
+    storage: Annotated[Path, typer.Option(help="results root whose embedded MLflow store to browse")] = Path("results"),
+    tracking_uri: Annotated[str | None, typer.Option(help="another MLflow store instead")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 5000,
+) -> None:
+    """Start the MLflow UI on the embedded store (or --tracking-uri)."""
+    import os
+    import sys
+
+    from mae_search.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(storage)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        _fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run a search first, or pass --storage")
+    console.print(f"MLflow UI for {uri} on http://{host}:{port}")
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    os.execv(sys.executable, args)
 
 
 def _print_trials(df, metric: str, mode: str) -> None:

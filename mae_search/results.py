@@ -46,6 +46,14 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
 
 
+def best_row(final: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """Row of the best final metric among trials that reported it (None if none did)."""
+    if metric not in final or final[metric].isna().all():
+        return None
+    return final.loc[final[metric].idxmax() if mode == "max" else final[metric].idxmin()]
+
+
+
 class ResultsTableCallback(Callback):
     """Collects every trial's per-epoch results and keeps the Parquet table current."""
 
@@ -133,9 +141,6 @@ def search_summary(search_dir: Path) -> dict[str, Any]:
     df = final_rows(read_results(search_dir))
     counts = df["status"].value_counts().to_dict()
     metric, mode = objective["metric"], objective["mode"]
-    best = None
-    if metric in df and df[metric].notna().any():
-        idx = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
-        best = df.loc[idx]
+    best = best_row(df, metric, mode)
     return {"name": space["name"], "trials": len(df), "counts": counts, "metric": metric, "mode": mode,
             "best": best}

@@ -116,10 +116,3 @@ max_concurrent_trials: 1
         assert old["trial_time_s"].tolist() == new["trial_time_s"].tolist()
     assert all(p.stat().st_mtime == m for p, m in stamps.items() if p.exists())
     assert not {p for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")} - set(stamps)
-
-
-def test_existing_search_needs_resume_flag(tmp_path):
-    space = micro_space(tmp_path, "dup", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n", epochs=1)
-    cli("search", str(space), "--storage", str(tmp_path / "r"), "--num-cpus", "2")
-    again = cli("search", str(space), "--storage", str(tmp_path / "r"), "--num-cpus", "2", check=False)
-    assert again.returncode == 2 and "already exists" in again.stdout and "--resume" in again.stdout

@@ -1,0 +1,359 @@
+"""MLflow tracking: one experiment per search space, a parent run per search, a child run per trial.
+
+Everything is logged from the Tune driver by :class:`MLflowSearchCallback`,
+which receives rank 0's metrics of every trial through Tune. So there is
+never a run per worker, and trials on remote Ray nodes need no route to the
+tracking server: only the driver talks to MLflow. Artifacts are read from the
+trial checkpoints in the search's storage.
+
+Tracking is a mirror, not the record: the Parquet table and Ray's storage are
+written first and independently. If MLflow fails mid-search the callback
+warns once and stops logging; the search and its results carry on. A tracking
+server that cannot be reached is reported before the search starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.tune import Callback
+
+from mae_search.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "mlflow_runs.json"
+GRID_FILE = "reconstruction.png"
+TAG_STATUS = "mae_search.status"
+
+
+class TrackingError(ValueError):
+    """MLflow cannot be used as configured; one line naming the URI."""
+
+
+def default_tracking_uri(storage: str | Path) -> str:
+    """The embedded store: a SQLite file beside the search results (no server needed)."""
+    return f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(cli_uri: str | None, storage: str | Path) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store under ``storage``."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+
+
+def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (seconds, not after an hour of training) if the tracking store is unusable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered /health with HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+        return
+    if not uri.startswith(("sqlite:///", "file:", "/")) and "://" in uri:
+        return  # other backends (databricks, postgres...) are checked by the first client call
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {exc})") from None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten_config(cfg: TrainConfig) -> dict[str, str]:
+    """Dotted keys -> strings, the form MLflow params take."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("mae-search", "torch", "torchvision", "ray", "optuna", "mlflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[f"version.{pkg}"] = metadata.version(pkg)
+    return out
+
+
+class MLflowSearchCallback(Callback):
+    """Mirrors a Tune search into MLflow (parent run + nested child run per trial)."""
+
+    def __init__(self, tracking_uri: str, space: Any, search_dir: str | Path, space_file: str | Path,
+                 max_epochs: int, grid_epochs: int = 3) -> None:
+        self.uri = tracking_uri
+        self.space = space
+        self.search_dir = Path(search_dir)
+        self.space_file = str(space_file)
+        self.max_epochs = max_epochs
+        # Grids at the first, middle and last epoch (plus the final one of a stopped trial).
+        self.grid_epochs = {1, max(1, max_epochs // 2), max_epochs} if grid_epochs else set()
+        self.parent_id: str | None = None
+        self.children: dict[str, str] = {}
+        self.last_ckpt: dict[str, tuple[int, str | None]] = {}  # trial id -> (epoch, checkpoint dir)
+        self.disabled = False
+
+    # ----------------------------------------------------------------- safety
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> Any:
+        """Run an MLflow call; on failure warn once and stop tracking, never failing the search."""
+        if self.disabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must not break a search
+            self.disabled = True
+            log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this search, "
+                        "results are still written to %s", what, type(exc).__name__, exc, self.search_dir)
+            return None
+
+    @property
+    def client(self):
+        return _client(self.uri)
+
+    def _save_state(self) -> None:
+        state = {"parent_run_id": self.parent_id, "children": self.children, "tracking_uri": self.uri}
+        (self.search_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    # ----------------------------------------------------------------- parent run
+
+    def setup(self, **info: Any) -> None:
+        self.search_dir.mkdir(parents=True, exist_ok=True)
+        self._safe("setup", self._setup_parent)
+
+    def _experiment_id(self) -> str:
+        name = self.space.experiment or self.space.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # embedded store: artifacts beside the database
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def _setup_parent(self) -> None:
+        state_file = self.search_dir / STATE_FILE
+        if state_file.is_file():  # a resumed search continues its runs
+            state = json.loads(state_file.read_text())
+            if state.get("tracking_uri") == self.uri and state.get("parent_run_id"):
+                self.parent_id, self.children = state["parent_run_id"], state.get("children", {})
+                self.client.update_run(self.parent_id, status="RUNNING")
+                return
+        exp_id = self._experiment_id()
+        tags = {"mae_search.search": self.space.name, "mae_search.command": shlex.join(sys.argv),
+                "mlflow.source.git.commit": _git_commit(), "mae_search.kind": "search", **_versions()}
+        run = self.client.create_run(exp_id, run_name=self.space.name, tags=tags)
+        self.parent_id = run.info.run_id
+        params = {"space.name": self.space.name, "space.trials": str(self.space.total_trials()),
+                  "space.objectives": json.dumps([o.model_dump() for o in self.space.objectives]),
+                  "space.scheduler": self.space.scheduler.type, "space.sampler": self.space.sampler}
+        self._log_params(self.parent_id, params)
+        if Path(self.space_file).is_file():
+            self.client.log_artifact(self.parent_id, self.space_file, "search_space")
+        self._save_state()
+
+    # ----------------------------------------------------------------- trials
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def _child(self, trial: Any) -> str | None:
+        if trial.trial_id in self.children or self.parent_id is None:
+            return self.children.get(trial.trial_id)
+        config = dict(trial.config)
+        seed = int(config.pop("seed", 0))
+        cfg = self.space.trial_config(config, seed)
+        exp_id = self.client.get_run(self.parent_id).info.experiment_id
+        tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,
+                "mae_search.trial_id": trial.trial_id, "mae_search.seed": str(seed), TAG_STATUS: "running"}
+        run = self.client.create_run(exp_id, run_name=trial.trial_id, tags=tags)
+        run_id = run.info.run_id
+        self.children[trial.trial_id] = run_id
+        self._log_params(run_id, flatten_config(cfg))
+        searched = {f"search.{k}": str(v) for k, v in config.items()}
+        if searched:
+            self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in searched.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            path.write_text(cfg.model_dump_json(indent=2))
+            self.client.log_artifact(run_id, str(path))
+        self._save_state()
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safe("trial start", self._child, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._safe("metrics", self._log_result, trial, result)
+
+    def _log_result(self, trial: Any, result: dict) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._child(trial)
+        epoch = int(result.get("epoch", result["training_iteration"]))
+        now = int(time.time() * 1000)
+        skip = {"epoch", "training_iteration", "timestamp", "pid", "done", "time_this_iter_s", "time_total_s",
+                "time_since_restore", "iterations_since_restore"}
+        metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
+                   if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)]
+        metrics.append(Metric("trial_time_s", float(result.get("time_total_s", 0.0)), now, epoch))
+        self.client.log_batch(run_id, metrics=metrics)
+        ckpt = result.get("checkpoint_path")
+        if ckpt and epoch in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
+            self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
+        self.last_ckpt[trial.trial_id] = (epoch, ckpt)
+
+    def _log_grid(self, run_id: str, grid: Path, epoch: int) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / f"epoch_{epoch:03d}.png"
+            named.write_bytes(grid.read_bytes())
+            self.client.log_artifact(run_id, str(named), "reconstruction")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safe("trial end", self._end_trial, trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = "trial failed"
+        if trial.error_file and Path(trial.error_file).is_file():
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            error = lines[-1][:4000] if lines else error
+        self._safe("trial error", self._end_trial, trial, error)
+
+    def _end_trial(self, trial: Any, error: str | None) -> None:
+        run_id = self._child(trial)
+        epoch, ckpt = self.last_ckpt.get(trial.trial_id, (0, None))
+        if error is not None:
+            self.client.set_tag(run_id, TAG_STATUS, "failed")
+            self.client.set_tag(run_id, "mae_search.error", error)
+            self.client.set_terminated(run_id, "FAILED")
+            return
+        status = "completed" if epoch >= self.max_epochs else "stopped_early"
+        self.client.set_tag(run_id, TAG_STATUS, status)
+        if status == "stopped_early":
+            self.client.set_tag(run_id, "mae_search.stopped_by", "ASHA")
+            self.client.set_tag(run_id, "mae_search.stopped_at_epoch", str(epoch))
+        if ckpt and epoch not in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
+            self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
+        self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "KILLED")
+
+    # ----------------------------------------------------------------- end of search
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._safe("search end", self._end_parent, trials)
+
+    def _end_parent(self, trials: list) -> None:
+        """Best config and metric, the results table and the best encoder, from the recorded table.
+
+        The table (not this callback's memory) is used so a resumed search's
+        summary covers the trials finished before the interruption too.
+        """
+        if self.parent_id is None:
+            return
+        from mae_search.results import RESULTS_FILE, best_row, final_rows, read_results
+
+        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        table = self.search_dir / RESULTS_FILE
+        if table.is_file():
+            self.client.log_artifact(self.parent_id, str(table))
+            best = best_row(final_rows(read_results(table)), self.space.primary.metric, self.space.primary.mode)
+            if best is not None:
+                self._log_best(best)
+        self.client.set_terminated(self.parent_id, "FINISHED" if finished else "KILLED")
+
+    def _log_best(self, row: Any) -> None:
+        obj = self.space.primary
+        trial_id = row["trial_id"]
+        run_id = self.children.get(trial_id, "")
+        tags = [_tag("mae_search.best_trial", trial_id), _tag("mae_search.best_run_id", run_id)]
+        tags += [_tag(f"best.{k.removeprefix('param.')}", str(row[k])) for k in row.index if k.startswith("param.")]
+        self.client.log_batch(self.parent_id, metrics=[_metric(f"best.{obj.metric}", row[obj.metric])], tags=tags)
+        self._log_encoder(trial_id, row.get("checkpoint_path") or "")
+
+    def _log_encoder(self, trial_id: str, ckpt: str) -> None:
+        """The best trial's encoder weights + config, loadable with :func:`load_encoder`."""
+        from mae_search.checkpoint import CHECKPOINT_FILE, load_checkpoint
+        from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
+
+        if not ckpt or not (Path(ckpt) / CHECKPOINT_FILE).is_file():
+            return
+        state = load_checkpoint(Path(ckpt) / CHECKPOINT_FILE)
+        cfg = TrainConfig.model_validate(state["config"])
+        model = MaskedAutoencoderViT(cfg.model)
+        model.load_state_dict(state["model"])
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(encoder_state_dict(model), Path(tmp) / "encoder.pt")
+            (Path(tmp) / "config.json").write_text(cfg.model_dump_json(indent=2))
+            for name in ("encoder.pt", "config.json"):
+                self.client.log_artifact(self.parent_id, str(Path(tmp) / name), "best_encoder")
+                if trial_id in self.children:
+                    self.client.log_artifact(self.children[trial_id], str(Path(tmp) / name), "encoder")
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value[:5000])
+
+
+def _metric(key: str, value: float, step: int = 0):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def load_encoder(run_id: str, tracking_uri: str, artifact_path: str = "best_encoder"):
+    """Load a logged encoder back into a MaskedAutoencoderViT (decoder freshly initialised).
+
+    Use the search's parent run with ``best_encoder`` or a trial's run with
+    ``encoder``; the result is ready for probing or fine-tuning.
+    """
+    from mae_search.model import MaskedAutoencoderViT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(_client(tracking_uri).download_artifacts(run_id, artifact_path, tmp))
+        cfg = TrainConfig.model_validate_json((local / "config.json").read_text())
+        model = MaskedAutoencoderViT(cfg.model)
+        missing, unexpected = model.load_state_dict(torch.load(local / "encoder.pt", map_location="cpu"),
+                                                    strict=False)
+    if unexpected or any(not k.startswith(("decoder", "mask_token")) for k in missing):
+        raise TrackingError(f"run {run_id}: encoder weights do not fit the logged config")
+    return model, cfg

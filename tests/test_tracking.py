@@ -1,0 +1,154 @@
+"""MLflow tracking against a real server on loopback and the embedded store."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from mae_search.results import read_results
+from mae_search.search_space import load_search_space
+from mae_search.tracking import MLflowSearchCallback, TrackingError, check_tracking, load_encoder
+from tests.conftest import cli, micro_space
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback with its stores in a temp dir; stopped afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("mlflow server exited") from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not come up")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.mark.slow
+def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
+    space = micro_space(tmp_path, "tracked", """
+dimensions:
+  optim.blr: {loguniform: [1.0e-7, 1.0e-2]}
+initial_points:
+  - {optim.blr: 5.0e-3}
+  - {optim.blr: 1.0e-7}
+metric: loss
+mode: min
+num_samples: 3
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+max_concurrent_trials: 1
+experiment: tracked-exp
+""")
+    cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2",
+        "--tracking-uri", mlflow_server)
+    df = read_results(tmp_path / "results" / "tracked")
+    client = MlflowClient(mlflow_server)
+    parents, children = runs_of(client, "tracked-exp")
+    assert len(parents) == 1 and len(children) == df["trial_id"].nunique() == 3
+    parent = parents[0]
+    assert parent.data.tags["mae_search.search"] == "tracked" and "version.ray" in parent.data.tags
+    assert "best.loss" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.parquet", "search_space",
+                                                                          "best_encoder"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        trial = df[df["trial_id"] == child.data.tags["mae_search.trial_id"]].sort_values("epoch")
+        # Params equal the trial's resolved config.
+        assert float(child.data.params["optim.blr"]) == pytest.approx(trial["param.optim.blr"].iloc[0])
+        assert child.data.params["seed"] == str(trial["seed"].iloc[0])
+        # One metric point per reported epoch, step = epoch, values equal to the table.
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == trial["epoch"].tolist()
+        assert np.allclose([m.value for m in sorted(history, key=lambda m: m.step)], trial["loss"])
+        assert {m.key for m in [*history]} == {"loss"}
+        assert {"mask_ratio", "lr", "linear_probe_acc", "knn_acc", "psnr", "masked_hf_error",
+                "epoch_time_s", "throughput_img_s", "freq_loss", "unif_loss"} <= set(child.data.metrics)
+        grids = [a.path for a in client.list_artifacts(child.info.run_id, "reconstruction")]
+        assert grids and all(p.endswith(".png") for p in grids)
+        status = trial["status"].iloc[-1]
+        assert child.data.tags["mae_search.status"] == status
+        if status == "stopped_early":
+            assert child.data.tags["mae_search.stopped_by"] == "ASHA"
+    assert sum(c.data.tags["mae_search.status"] == "stopped_early" for c in children) >= 1
+    model, cfg = load_encoder(parent.info.run_id, mlflow_server)
+    assert cfg.model.embed_dim == 32 and model.cls_token.shape[-1] == 32
+
+
+@pytest.mark.slow
+def test_embedded_store_and_duplicate_search_guard(tmp_path):
+    space = micro_space(tmp_path, "embedded", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n",
+                        epochs=1)
+    storage = tmp_path / "r"
+    cli("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    parents, children = runs_of(MlflowClient(f"sqlite:///{storage / 'mlflow.db'}"), "embedded")
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].data.metrics["loss"] > 0
+    again = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", check=False)
+    assert again.returncode == 2 and "already exists" in again.stdout and "--resume" in again.stdout
+
+
+def test_unreachable_server_fails_at_start(tmp_path):
+    space = micro_space(tmp_path, "unreachable", "dimensions: {}\nmetric: loss\nmode: min\n")
+    start = time.time()
+    out = cli("search", str(space), "--storage", str(tmp_path / "r"), "--tracking-uri",
+              f"http://127.0.0.1:{free_port()}", check=False)
+    assert out.returncode == 2 and "unreachable" in out.stdout
+    assert time.time() - start < 30
+    assert not (tmp_path / "r" / "unreachable").exists()  # nothing ran
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TrackingError, match="cannot be used"):
+        check_tracking(f"sqlite:///{blocker / 'x.db'}")
+
+
+def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    space = load_search_space(micro_space(tmp_path, "broken", "dimensions: {}\nmetric: loss\nmode: min\n"))
+    callback = MLflowSearchCallback(f"http://127.0.0.1:{free_port()}", space, tmp_path, "x.yaml", max_epochs=3)
+    callback.setup()  # the server is gone: warn and disable, do not raise
+    assert callback.disabled
+
+    class Trial:
+        trial_id, config, error_file = "t1", {"seed": 0}, None
+
+    callback.on_trial_result(0, [], Trial(), {"epoch": 1, "training_iteration": 1, "loss": 1.0})
+    callback.on_trial_complete(0, [], Trial())
+    callback.on_experiment_end([])
