@@ -17,6 +17,7 @@ from rich.console import Console
 
 from mae_search.config import ConfigError, TrainConfig
 
+DEFAULT_SEARCH = Path(__file__).with_name("default_search.yaml")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
 
@@ -78,7 +79,9 @@ def train(
 
 @app.command()
 def search(
-    space_file: Annotated[Path, typer.Argument(help="search_spaces/<name>.yaml")],
+    space_file: Annotated[Path, typer.Argument(help="search_spaces/<name>.yaml; default: embedded quickstart")] = (
+        DEFAULT_SEARCH
+    ),
     storage: Annotated[Path, typer.Option(help="results root (local dir or shared filesystem)")] = Path("results"),
     address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
     resume: Annotated[bool, typer.Option(help="resume an interrupted search; finished trials are not rerun")] = False,
@@ -149,6 +152,39 @@ def list_searches(
             "-" if best is None else str(best["trial_id"]),
         )
     console.print(table)
+
+
+@app.command()
+def report(
+    sources: Annotated[list[Path] | None, typer.Argument(help="search directories (results.parquet + space)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory; default reports/<search>")] = None,
+    mlflow_experiment: Annotated[str | None, typer.Option("--mlflow", help="read an MLflow experiment instead")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store for --mlflow")] = None,
+) -> None:
+    """Regenerate ablation tables and plots (Markdown, HTML, CSV) from recorded results."""
+    import os
+
+    from mae_search.report import ReportError, load_from_dir, load_from_mlflow, write_report
+
+    try:
+        if mlflow_experiment:
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise ReportError("--mlflow needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+            records = [load_from_mlflow(mlflow_experiment, uri)]
+        elif sources:
+            records = [load_from_dir(s) for s in sources]
+        else:
+            raise ReportError("give a search directory (e.g. results/quickstart) or --mlflow EXPERIMENT")
+    except ValueError as exc:
+        _fail(str(exc))
+    target = out or Path("reports") / records[0].space.name
+    command = f"mae-search report {target / 'data'} --out {target}"
+    if len(records) > 1 or mlflow_experiment:
+        command = "mae-search report " + (f"--mlflow {mlflow_experiment} --tracking-uri <uri>" if mlflow_experiment
+                                          else " ".join(map(str, sources))) + f" --out {target}"
+    readme = write_report(records, target, command)
+    console.print(f"report: {readme} (+ report.html, tables/*.csv, plots)")
 
 
 @app.command()

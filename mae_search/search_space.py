@@ -112,6 +112,7 @@ class SearchSpace(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     factor: str | None = Field(None, description="the ablated parameter a report table is built around")
+    baseline: Any = Field(None, description="the factor's reference setting for paired comparisons")
     base: dict[str, Any] = Field(default_factory=dict)
     dimensions: dict[str, Dimension] = Field(default_factory=dict)
     metric: str | None = None
@@ -135,7 +136,7 @@ class SearchSpace(_Strict):
             if self.metric is None or self.mode is None:
                 raise ValueError("give metric and mode, or objectives")
             self.objectives = [Objective(metric=self.metric, mode=self.mode)]
-        elif self.metric is not None:
+        elif self.metric is not None and [(o.metric, o.mode) for o in self.objectives] != [(self.metric, self.mode)]:
             raise ValueError("give either metric/mode or objectives, not both")
         if len(self.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("ASHA needs a single metric; use scheduler: {type: none} with several objectives")
@@ -240,6 +241,11 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(
             f"{source}: scheduler.max_epochs {space.scheduler.max_epochs} exceeds base epochs {base.epochs}"
         )
+    if space.baseline is not None:
+        factor = space.ablated_factor
+        dim = space.dimensions.get(factor or "")
+        if dim is None or dim.kind not in ("grid", "variants") or space.baseline not in dim.values:
+            raise ConfigError(f"{source}: baseline: {space.baseline!r} is not a grid value of factor {factor}")
     for i, point in enumerate(space.initial_points):
         if set(point) != set(space.dimensions):
             dims = ", ".join(sorted(space.dimensions))

@@ -185,6 +185,10 @@ class MLflowSearchCallback(Callback):
         self._log_params(self.parent_id, params)
         if Path(self.space_file).is_file():
             self.client.log_artifact(self.parent_id, self.space_file, "search_space")
+        with tempfile.TemporaryDirectory() as tmp:  # the validated space, for `mae-search report --mlflow`
+            path = Path(tmp) / "search_space.json"
+            path.write_text(self.space.model_dump_json(indent=2))
+            self.client.log_artifact(self.parent_id, str(path))
         self._save_state()
 
     # ----------------------------------------------------------------- trials

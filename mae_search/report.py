@@ -1,0 +1,655 @@
+"""Ablation reports regenerated from recorded results, never from numbers typed by hand.
+
+Input is a trials table -- read from a search's ``results.parquet`` or rebuilt
+from its MLflow experiment; both give the same columns, so both give the same
+report. The report is a list of blocks (headings, paragraphs, tables,
+images) rendered to Markdown (``README.md``, tables GitHub renders), one
+self-contained HTML file, and CSV per table. Every number is formatted from
+the table; nothing depends on time or machine, so the Markdown is
+byte-identical on a rerun.
+
+Each report archives its input under ``<out>/data/`` (table, search space,
+best reconstruction) so the command in its header regenerates it anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mae_search.results import RESULTS_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_STOPPED, best_row, final_rows
+from mae_search.search_space import SearchSpace
+
+SPACE_FILE = "search_space.json"
+GRID_FILE = "best_reconstruction.png"
+
+
+class ReportError(ValueError):
+    """The report cannot be built from what was given; one line."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    label: str
+    higher_is_better: bool
+    scale: float = 1.0
+    digits: int = 3
+
+
+METRICS = (
+    MetricSpec("linear_probe_acc", "LP top-1 (%)", True, 100.0, 1),
+    MetricSpec("knn_acc", "k-NN top-1 (%)", True, 100.0, 1),
+    MetricSpec("mse", "masked MSE", False, 1.0, 4),
+    MetricSpec("psnr", "PSNR (dB)", True, 1.0, 2),
+    MetricSpec("masked_hf_error", "masked HF error", False, 1.0, 4),
+    MetricSpec("pretrain_time_s", "pretrain time (s)", False, 1.0, 1),
+    MetricSpec("throughput_img_s", "img/s", True, 1.0, 0),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class SearchRecord:
+    """One search's space and trials table (columns shared by the Parquet and MLflow sources)."""
+
+    space: SearchSpace
+    table: pd.DataFrame
+    grid_png: bytes | None = None
+
+
+def load_from_dir(path: str | Path) -> SearchRecord:
+    """A search directory (results.parquet + search_space.json), or a report's data/ archive."""
+    path = Path(path)
+    table_file = path / RESULTS_FILE if path.is_dir() else path
+    space_file = table_file.parent / SPACE_FILE
+    if not table_file.is_file():
+        raise ReportError(f"unknown search: no results table at {table_file}")
+    if not space_file.is_file():
+        raise ReportError(f"{space_file}: missing (the search's space is needed to lay out the report)")
+    space = _read_space(space_file.read_text(), str(space_file))
+    try:
+        raw = pd.read_parquet(table_file)
+        table = normalise(raw)
+    except Exception as exc:  # noqa: BLE001 - a damaged table is reported, not traced back
+        raise ReportError(f"{table_file}: cannot read results table ({type(exc).__name__}: {exc})") from None
+    grid = table_file.parent / GRID_FILE
+    png = grid.read_bytes() if grid.is_file() else _best_grid_from_checkpoint(raw, space)
+    return SearchRecord(space, table, png)
+
+
+def _read_space(text: str, source: str) -> SearchSpace:
+    from pydantic import ValidationError
+
+    from mae_search.config import describe_validation_error
+
+    try:
+        return SearchSpace.model_validate_json(text)
+    except ValidationError as exc:
+        raise ReportError(describe_validation_error(exc, source)) from None
+
+
+def _best_grid_from_checkpoint(table: pd.DataFrame, space: SearchSpace) -> bytes | None:
+    best = best_row(completed_final(table), space.primary.metric, space.primary.mode)
+    if best is None or "checkpoint_path" not in best or not best["checkpoint_path"]:
+        return None
+    png = Path(best["checkpoint_path"]) / "reconstruction.png"
+    return png.read_bytes() if png.is_file() else None
+
+
+def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
+    """Rebuild the trials table from an MLflow experiment's parent and child runs."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ReportError(f"unknown search: no MLflow experiment '{experiment}' at {tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], max_results=10_000, order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("mae_search.kind") == "search"]
+    if not parents:
+        raise ReportError(f"MLflow experiment '{experiment}' holds no mae-search search")
+    parent = parents[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        space_path = client.download_artifacts(parent.info.run_id, SPACE_FILE, tmp)
+        space = _read_space(Path(space_path).read_text(), f"MLflow run {parent.info.run_id}")
+    records = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("mlflow.parentRunId") != parent.info.run_id:
+            continue
+        base = {"search": tags["mae_search.search"], "trial_id": tags["mae_search.trial_id"],
+                "status": tags.get("mae_search.status", "running"), "seed": int(tags.get("mae_search.seed", 0))}
+        base.update({f"param.{k.removeprefix('search.')}": _parse(v) for k, v in tags.items()
+                     if k.startswith("search.")})
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for key in run.data.metrics:
+            for m in client.get_metric_history(run.info.run_id, key):
+                by_epoch.setdefault(m.step, {})[key] = m.value
+        if not by_epoch:
+            records.append({**base, "epoch": 0})
+        for epoch, metrics in sorted(by_epoch.items()):
+            records.append({**base, "epoch": epoch, **metrics})
+    png = None
+    best_run = parent.data.tags.get("mae_search.best_run_id")
+    if best_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = Path(client.download_artifacts(best_run, "reconstruction", tmp))
+                last = sorted(folder.glob("*.png"))
+                png = last[-1].read_bytes() if last else None
+            except Exception:  # noqa: BLE001 - a report without the grid is still a report
+                png = None
+    return SearchRecord(space, normalise(pd.DataFrame.from_records(records)), png)
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the columns both sources share, in one order and dtype, sorted by trial and epoch."""
+    params = sorted(c for c in df.columns if c.startswith("param."))
+    metrics = [m.key for m in METRICS if m.key in df.columns]
+    extra = [c for c in ("loss", "mask_ratio", "trial_time_s") if c in df.columns]
+    cols = ["search", "trial_id", "status", "seed", "epoch", *params, *metrics, *extra]
+    out = df[[c for c in cols if c in df.columns]].copy()
+    out["seed"] = out["seed"].astype(int)
+    out["epoch"] = out["epoch"].astype(int)
+    for c in metrics + extra:
+        out[c] = out[c].astype(float)
+    return out.sort_values(["search", "trial_id", "epoch"]).reset_index(drop=True)
+
+
+def completed_final(table: pd.DataFrame) -> pd.DataFrame:
+    final = final_rows(table)
+    return final[final["status"] == STATUS_COMPLETED].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@dataclass
+class Table:
+    name: str
+    headers: list[str]
+    rows: list[list[str]]
+    bold_row: int | None = None
+    caption: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, table: Table) -> None:
+        self.tables.append(table)
+        self.blocks.append(("table", table))
+
+    def image(self, name: str, png: bytes, alt: str) -> None:
+        self.images[name] = png
+        self.blocks.append(("img", (name, alt)))
+
+
+def fmt_setting(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{float(value):g}"
+    return str(value)
+
+
+def fmt_metric(spec: MetricSpec, values: pd.Series) -> str:
+    v = values.dropna() * spec.scale
+    if v.empty:
+        return "-"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{spec.digits}f}"
+    return f"{v.mean():.{spec.digits}f} ± {v.std(ddof=1):.{spec.digits}f}"
+
+
+def factor_columns(space: SearchSpace, table: pd.DataFrame) -> list[str]:
+    """Parameters that define a setting (the grid dimensions), as table columns."""
+    if space.factor and f"param.{space.factor}" in table:
+        return [f"param.{space.factor}"]
+    return [f"param.{k}" for k in space.dimensions if f"param.{k}" in table]
+
+
+def setting_label(row: pd.Series, cols: list[str]) -> str:
+    if len(cols) == 1:
+        return fmt_setting(row[cols[0]])
+    return ", ".join(f"{c.removeprefix('param.').split('.')[-1]}={fmt_setting(row[c])}" for c in cols)
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[float, float, int] | None:
+    """Mean of per-seed differences a - b with a 95% t-interval half-width; pairs matched on seed."""
+    from scipy import stats
+
+    merged = a[["seed", metric]].merge(b[["seed", metric]], on="seed", suffixes=("_a", "_b")).dropna()
+    n = len(merged)
+    if n == 0:
+        return None
+    diff = merged[f"{metric}_a"] - merged[f"{metric}_b"]
+    half = float("nan") if n < 2 else float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n))
+    return float(diff.mean()), half, n
+
+
+def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
+    """The paper-style table: a row per setting, mean ± std over seeds, best in bold, Δ vs baseline."""
+    cols = factor_columns(space, table)
+    final = final_rows(table)
+    done = final[final["status"] == STATUS_COMPLETED]
+    primary = METRIC_BY_KEY.get(space.primary.metric)
+    metrics = [m for m in METRICS if m.key in done.columns]
+    settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)}, key=_sort_key)
+    baseline = _baseline_setting(space, cols, settings)
+    headers = [", ".join(c.removeprefix("param.") for c in cols), "n", *[m.label for m in metrics]]
+    if baseline is not None and primary is not None:
+        headers.append(f"Δ {primary.label} vs {fmt_setting(baseline[0])} (95% CI)")
+    headers.append("stopped / failed")
+    rows, means = [], []
+    for setting in settings:
+        mask = np.logical_and.reduce([final[c] == v for c, v in zip(cols, setting, strict=True)])
+        group_all = final[mask]
+        group = group_all[group_all["status"] == STATUS_COMPLETED]
+        label = setting_label(pd.Series(dict(zip(cols, setting, strict=True))), cols)
+        row = [label + (" (baseline)" if baseline == setting else ""), str(len(group))]
+        row += [fmt_metric(m, group[m.key]) for m in metrics]
+        if baseline is not None and primary is not None:
+            row.append(_delta_cell(final, cols, baseline, setting, group, primary))
+        stopped = int((group_all["status"] == STATUS_STOPPED).sum())
+        failed = int((group_all["status"] == STATUS_FAILED).sum())
+        row.append(f"{stopped} / {failed}")
+        rows.append(row)
+        means.append(group[primary.key].mean() if primary is not None and not group.empty else float("nan"))
+    bold = None
+    if primary is not None and not all(math.isnan(m) for m in means):
+        pick = np.nanargmax if space.primary.mode == "max" else np.nanargmin
+        bold = int(pick(means))
+    caption = ("Final metrics of finished trials; mean ± std over seeds where n > 1. "
+               f"Best {primary.label if primary else ''} in bold. "
+               "Δ: paired by seed against the baseline, mean with 95% t-interval.")
+    report.table(Table("ablation", headers, rows, bold, caption))
+    missing = [fmt_setting(s[0]) if len(s) == 1 else str(s) for s, m in zip(settings, means, strict=True)
+               if math.isnan(m)]
+    expected = _expected_settings(space, cols)
+    missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in expected if s not in settings]
+    if missing:
+        report.text(f"**Missing**: no finished trial yet for {', '.join(missing)}.")
+
+
+def _sort_key(setting: tuple) -> tuple:
+    return tuple((0, float(v), "") if isinstance(v, int | float | np.number) else (1, 0.0, str(v)) for v in setting)
+
+
+def _baseline_setting(space: SearchSpace, cols: list[str], settings: list[tuple]) -> tuple | None:
+    if space.baseline is None or len(cols) != 1:
+        return None
+    for s in settings:
+        if s[0] == space.baseline or fmt_setting(s[0]) == fmt_setting(space.baseline):
+            return s
+    return None
+
+
+def _expected_settings(space: SearchSpace, cols: list[str]) -> list[tuple]:
+    if len(cols) != 1 or not space.is_grid:
+        return []
+    dim = space.dimensions.get(cols[0].removeprefix("param."))
+    return [(v,) for v in dim.values] if dim else []
+
+
+def _delta_cell(final, cols, baseline, setting, group, primary: MetricSpec) -> str:
+    if setting == baseline:
+        return "-"
+    base_mask = final[cols[0]] == baseline[0]
+    base = final[base_mask & (final["status"] == STATUS_COMPLETED)]
+    diff = paired_difference(group, base, primary.key)
+    if diff is None:
+        return "n/a"
+    mean, half, n = diff
+    ci = "" if math.isnan(half) else f" ± {half * primary.scale:.{primary.digits}f}"
+    return f"{mean * primary.scale:+.{primary.digits}f}{ci} (n={n})"
+
+
+def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> None:
+    final = final_rows(table)
+    stopped = final[final["status"].isin([STATUS_STOPPED, STATUS_FAILED])]
+    if stopped.empty:
+        return
+    params = [c for c in final.columns if c.startswith("param.")]
+    metric = space.primary.metric
+    headers = ["trial", "status", "seed", *[p.removeprefix("param.") for p in params], "last epoch", metric]
+    rows = [[r["trial_id"], r["status"], str(r["seed"]), *[fmt_setting(r[p]) for p in params], str(r["epoch"]),
+             "-" if metric not in r or pd.isna(r[metric]) else f"{r[metric]:.4f}"] for _, r in stopped.iterrows()]
+    report.heading("Trials stopped early or failed")
+    report.text("Not part of the means above: ASHA stopped these before the last epoch (or they failed).")
+    report.table(Table("stopped", headers, rows))
+
+
+def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, top: int = 10) -> None:
+    done = completed_final(table)
+    metric = space.primary.metric
+    if done.empty or metric not in done:
+        return
+    done = done.sort_values([metric, "trial_id"], ascending=[space.primary.mode == "min", True]).head(top)
+    params = [c for c in done.columns if c.startswith("param.")]
+    metrics = [m for m in METRICS if m.key in done.columns]
+    headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
+    rows = [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
+             *[fmt_metric(m, pd.Series([r[m.key]])) for m in metrics]] for _, r in done.iterrows()]
+    report.heading("Best trials")
+    report.table(Table("best_trials", headers, rows, 0 if rows else None))
+
+
+def _round(v: Any) -> Any:
+    return float(f"{v:.4g}") if isinstance(v, float | np.floating) else v
+
+
+def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
+    """fANOVA parameter importances (Optuna) on the finished trials."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    done = completed_final(table)
+    metric = space.primary.metric
+    dims = {k: d for k, d in space.dimensions.items() if f"param.{k}" in done}
+    if len(done) < 4 or len(dims) < 2 or metric not in done:
+        report.text("Parameter importances need at least 4 finished trials and 2 searched parameters.")
+        return
+    dists = {}
+    for k, d in dims.items():
+        if d.kind == "int":
+            dists[k] = IntDistribution(*d.int)
+        elif d.kind in ("uniform", "loguniform"):
+            lo, hi = getattr(d, d.kind)
+            dists[k] = FloatDistribution(lo, hi, log=d.kind == "loguniform")
+        else:
+            dists[k] = CategoricalDistribution(d.values)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if space.primary.mode == "max" else "minimize")
+    for _, r in done.iterrows():
+        params = {k: (int(r[f"param.{k}"]) if isinstance(dists[k], IntDistribution) else r[f"param.{k}"])
+                  for k in dims}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r[metric])))
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    rows = [[k, f"{v:.3f}"] for k, v in sorted(importances.items(), key=lambda kv: (-round(kv[1], 3), kv[0]))]
+    report.heading("Parameter importances")
+    report.text(f"fANOVA (Optuna) on {len(done)} finished trials, objective {metric}.")
+    report.table(Table("importances", ["parameter", "importance"], rows))
+
+
+def pareto_front(done: pd.DataFrame, metric: str, mode: str, cost: str = "pretrain_time_s") -> pd.DataFrame:
+    """Trials no other trial beats on both the metric and pretraining time."""
+    if metric not in done or cost not in done or done.empty:
+        return done.iloc[0:0]
+    sign = 1 if mode == "max" else -1
+    keep = []
+    for i, r in done.iterrows():
+        dominated = ((sign * done[metric] >= sign * r[metric]) & (done[cost] <= r[cost])
+                     & ((sign * done[metric] > sign * r[metric]) | (done[cost] < r[cost]))).any()
+        if not dominated:
+            keep.append(i)
+    return done.loc[keep].sort_values([cost, "trial_id"])
+
+
+def pareto_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> pd.DataFrame:
+    done = completed_final(table)
+    front = pareto_front(done, space.primary.metric, space.primary.mode)
+    if front.empty:
+        return front
+    spec = METRIC_BY_KEY.get(space.primary.metric, MetricSpec(space.primary.metric, space.primary.metric, True))
+    params = [c for c in front.columns if c.startswith("param.")]
+    rows = [[r["trial_id"], f"{r['pretrain_time_s']:.1f}", fmt_metric(spec, pd.Series([r[spec.key]])),
+             *[fmt_setting(_round(r[p])) for p in params]] for _, r in front.iterrows()]
+    report.heading("Accuracy vs pretraining time: Pareto front")
+    headers = ["trial", "pretrain time (s)", spec.label, *[p.removeprefix("param.") for p in params]]
+    report.table(Table("pareto", headers, rows))
+    return front
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
+    cols = factor_columns(space, table)
+    done = completed_final(table)
+    spec = METRIC_BY_KEY.get(space.primary.metric)
+    if len(cols) != 1 or done.empty or spec is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = done.groupby(cols[0])[spec.key].agg(["mean", "std", "count"]).reset_index()
+    grouped = grouped.sort_values(cols[0], key=lambda s: s.map(lambda v: _sort_key((v,))))
+    x = [fmt_setting(v) for v in grouped[cols[0]]]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.errorbar(x, grouped["mean"] * spec.scale, yerr=grouped["std"].fillna(0) * spec.scale, fmt="o-", capsize=4)
+    ax.set_xlabel(cols[0].removeprefix("param."))
+    ax.set_ylabel(spec.label)
+    ax.set_title(f"{spec.label} vs {cols[0].removeprefix('param.')} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_curves(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = space.primary.metric
+    keys = [k for k in (metric, "loss") if k in table]
+    if not keys or table.empty:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for trial_id, rows in table.groupby("trial_id", sort=True):
+            style = "--" if rows["status"].iloc[-1] == STATUS_STOPPED else "-"
+            ax.plot(rows["epoch"], rows[key], style, marker=".", alpha=0.8, label=trial_id)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title("learning curves (dashed: stopped by ASHA)")
+    if table["trial_id"].nunique() <= 12:
+        axes[0][-1].legend(fontsize=6, loc="best")
+    return _png(fig)
+
+
+def plot_pareto(space: SearchSpace, table: pd.DataFrame, front: pd.DataFrame) -> bytes | None:
+    done = completed_final(table)
+    metric = space.primary.metric
+    if done.empty or "pretrain_time_s" not in done or metric not in done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.scatter(done["pretrain_time_s"], done[metric], alpha=0.6, label="trials")
+    if not front.empty:
+        ax.plot(front["pretrain_time_s"], front[metric], "r-o", label="Pareto front")
+    ax.set_xlabel("pretraining time (s)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def build_report(records: list[SearchRecord], command: str) -> Report:
+    if not records:
+        raise ReportError("no search to report on")
+    space = records[0].space
+    table = pd.concat([r.table for r in records], ignore_index=True)
+    names = sorted(table["search"].unique()) if not table.empty else [space.name]
+    report = Report(title=f"Report: {', '.join(names)}")
+    report.text(f"Regenerate with `{command}` (generated from recorded results only).")
+    if space.description:
+        report.text(space.description)
+    final = final_rows(table) if not table.empty else table
+    counts = final["status"].value_counts().to_dict() if not final.empty else {}
+    expected = sum(r.space.total_trials() for r in records)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+    report.text(f"Trials recorded: {len(final)} of {expected} planned ({summary}). "
+                f"Objective: {space.primary.mode} {space.primary.metric}.")
+    if final.empty or not (final["status"] == STATUS_COMPLETED).any():
+        report.text("**No trial has finished yet**: tables below will fill in as trials complete.")
+    if space.is_grid:
+        report.heading("Ablation")
+        ablation_table(space, table, report)
+        png = plot_factor(space, table)
+        if png:
+            report.image("factor.png", png, "metric vs ablated factor")
+    else:
+        best_trials_table(space, table, report)
+        importance_table(space, table, report)
+    front = pareto_table(space, table, report)
+    png = plot_pareto(space, table, front)
+    if png is not None and not front.empty:
+        report.image("pareto.png", png, "Pareto front: accuracy vs pretraining time")
+    stopped_table(table, space, report)
+    curves = plot_curves(space, table)
+    if curves:
+        report.heading("Learning curves")
+        report.image("curves.png", curves, "learning curves")
+    grid = next((r.grid_png for r in records if r.grid_png), None)
+    if grid:
+        report.heading("Best trial: reconstructions")
+        report.text("Columns: original | masked | reconstruction | reconstruction with visible patches.")
+        report.image(GRID_FILE, grid, "best trial reconstructions")
+    return report
+
+
+def render_markdown(report: Report) -> str:
+    out = [f"# {report.title}", ""]
+    for kind, payload in report.blocks:
+        if kind == "h2":
+            out += [f"## {payload}", ""]
+        elif kind == "p":
+            out += [payload, ""]
+        elif kind == "img":
+            name, alt = payload
+            out += [f"![{alt}]({name})", ""]
+        else:
+            out += [*_markdown_table(payload), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown_table(t: Table) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in t.headers) + " |", "|" + "|".join("---" for _ in t.headers) + "|"]
+    for i, row in enumerate(t.rows):
+        cells = [f"**{cell(c)}**" if i == t.bold_row else cell(c) for c in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    if t.caption:
+        lines += ["", f"*{t.caption}*"]
+    return lines
+
+
+def render_html(report: Report) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
+             "td:first-child{text-align:left}.best td{font-weight:bold}</style></head><body>",
+             f"<h1>{html.escape(report.title)}</h1>"]
+    for kind, payload in report.blocks:
+        if kind == "h2":
+            parts.append(f"<h2>{html.escape(payload)}</h2>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(payload)}</p>")
+        elif kind == "img":
+            name, alt = payload
+            data = base64.b64encode(report.images[name]).decode()
+            parts.append(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>")
+        else:
+            t: Table = payload
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr>")
+            for i, row in enumerate(t.rows):
+                cls = " class='best'" if i == t.bold_row else ""
+                parts.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+            parts.append("</table>")
+            if t.caption:
+                parts.append(f"<p><em>{html.escape(t.caption)}</em></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _inline(text: str) -> str:
+    """The little Markdown the report's paragraphs use: **bold** and `code`."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def write_report(records: list[SearchRecord], out: str | Path, command: str) -> Path:
+    """Write README.md, report.html, tables/*.csv, plots and the data/ archive under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(records) == 1:
+        archive(records[0], out / "data")
+    report = build_report(records, command)
+    (out / "README.md").write_text(render_markdown(report))
+    (out / "report.html").write_text(render_html(report))
+    tables = out / "tables"
+    if tables.exists():
+        shutil.rmtree(tables)
+    tables.mkdir()
+    for t in report.tables:
+        pd.DataFrame(t.rows, columns=t.headers).to_csv(tables / f"{t.name}.csv", index=False)
+    for name, png in report.images.items():
+        (out / name).write_bytes(png)
+    return out / "README.md"
+
+
+def archive(record: SearchRecord, data_dir: Path) -> None:
+    """Copy the report's input beside it, so the header's command regenerates it from a clean clone."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record.table.to_parquet(data_dir / RESULTS_FILE, index=False)
+    (data_dir / SPACE_FILE).write_text(record.space.model_dump_json(indent=2) + "\n")
+    if record.grid_png:
+        (data_dir / GRID_FILE).write_bytes(record.grid_png)

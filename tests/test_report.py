@@ -1,0 +1,176 @@
+"""Report generation from recorded results built here through the real results/MLflow callbacks."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mae_search.report import ReportError, load_from_dir, load_from_mlflow, pareto_front, write_report
+from mae_search.results import ResultsTableCallback
+from mae_search.search_space import load_search_space
+from mae_search.tracking import MLflowSearchCallback
+from tests.conftest import cli
+
+SPACE = """
+name: fixture-ablation
+description: Synthetic recorded results.
+base: {epochs: 3}
+dimensions:
+  masking.mask_ratio: {grid: [0.5, 0.75, 0.9]}
+factor: masking.mask_ratio
+baseline: 0.75
+seeds: [0, 1]
+metric: linear_probe_acc
+mode: max
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+"""
+ACC = {0.5: 0.40, 0.75: 0.50, 0.9: 0.45}
+
+
+class FakeTrial:
+    def __init__(self, trial_id, config, status="TERMINATED"):
+        self.trial_id, self.config, self.status, self.error_file = trial_id, config, status, None
+
+
+def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset()):
+    """Feed synthetic per-epoch results through the callbacks a real search uses."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE)
+    space = load_search_space(space_file)
+    search_dir = tmp_path / "results" / space.name
+    search_dir.mkdir(parents=True)
+    (search_dir / "search_space.json").write_text(space.model_dump_json())
+    callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if with_mlflow:
+        callbacks.append(MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs=3))
+    for cb in callbacks:
+        cb.setup()
+    trials = []
+    for i, (ratio, seed) in enumerate((r, s) for s in (0, 1) for r in (0.5, 0.75, 0.9)):
+        trial = FakeTrial(f"t{i}", {"masking.mask_ratio": ratio, "seed": seed})
+        if trial.trial_id in drop:
+            continue
+        trials.append(trial)
+        last_epoch = 1 if (ratio, seed) == (0.9, 1) else 3  # ASHA stops this one
+        for cb in callbacks:
+            cb.on_trial_start(0, [], trial) if hasattr(cb, "on_trial_start") else None
+        for epoch in range(1, last_epoch + 1):
+            acc = (ACC[ratio] + 0.01 * seed) * epoch / 3
+            result = {"epoch": epoch, "training_iteration": epoch, "config": trial.config,
+                      "linear_probe_acc": acc, "knn_acc": acc - 0.05, "mse": 1.0 - acc, "loss": 1.0 - acc,
+                      "psnr": 10 + 10 * acc, "masked_hf_error": 0.3 - acc / 10, "mask_ratio": ratio,
+                      "pretrain_time_s": 10.0 * epoch * (1 - ratio) + seed, "throughput_img_s": 100.0 / (1 - ratio),
+                      "time_total_s": 20.0 * epoch}
+            for cb in callbacks:
+                cb.on_trial_result(0, [], trial, result)
+        for cb in callbacks:
+            cb.on_trial_complete(0, [], trial)
+    for cb in callbacks:
+        cb.on_experiment_end(trials)
+    return search_dir, uri
+
+
+def ablation_rows(md: str) -> dict[str, list[str]]:
+    section = md.split("## Ablation")[1].split("\n\n")[1]
+    rows = [line.strip("| ").split(" | ") for line in section.splitlines()[2:]]
+    return {r[0].strip("*"): [c.strip("*") for c in r] for r in rows}
+
+
+def test_ablation_table_means_best_and_stopped(tmp_path):
+    search_dir, _ = record(tmp_path, with_mlflow=False)
+    readme = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd")
+    md = readme.read_text()
+    rows = ablation_rows(md)
+    # mean ± std over seeds, n counts finished trials only (0.9 / seed 1 was stopped by ASHA).
+    assert rows["0.5"][1:3] == ["2", "40.5 ± 0.7"]
+    assert rows["0.75 (baseline)"][1:3] == ["2", "50.5 ± 0.7"]
+    assert rows["0.9"][1:3] == ["1", "45.0"]
+    assert rows["0.9"][-1] == "1 / 0"
+    # Best row in bold, and only that row.
+    bold = [line for line in md.splitlines() if line.startswith("| **")]
+    assert len(bold) == 1 and bold[0].startswith("| **0.75 (baseline)**")
+    # Paired difference vs baseline: -10 points for both seeds, so a zero-width interval.
+    assert rows["0.5"][-2] == "-10.0 ± 0.0 (n=2)"
+    assert "## Trials stopped early or failed" in md and "| t5 | stopped_early | 1 | 0.9 | 1 |" in md
+    csv = pd.read_csv(tmp_path / "out" / "tables" / "ablation.csv")
+    assert csv.shape[0] == 3
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html and "src='factor.png'" not in html
+
+
+def test_rerun_is_byte_identical_and_regenerates_from_archive(tmp_path):
+    search_dir, _ = record(tmp_path, with_mlflow=False)
+    first = write_report([load_from_dir(search_dir)], tmp_path / "a", "cmd").read_bytes()
+    second = write_report([load_from_dir(search_dir)], tmp_path / "b", "cmd").read_bytes()
+    assert first == second
+    again = write_report([load_from_dir(tmp_path / "a" / "data")], tmp_path / "c", "cmd").read_bytes()
+    assert again == first
+
+
+def test_mlflow_and_parquet_give_the_same_tables(tmp_path):
+    search_dir, uri = record(tmp_path)
+    from_parquet = write_report([load_from_dir(search_dir)], tmp_path / "p", "cmd")
+    from_mlflow = write_report([load_from_mlflow("fixture-ablation", uri)], tmp_path / "m", "cmd")
+    assert from_parquet.read_text() == from_mlflow.read_text()
+    for csv in (tmp_path / "p" / "tables").glob("*.csv"):
+        assert csv.read_text() == (tmp_path / "m" / "tables" / csv.name).read_text()
+
+
+def test_partial_search_says_what_is_missing(tmp_path):
+    search_dir, _ = record(tmp_path, with_mlflow=False, drop={"t2", "t5"})  # no 0.9 at all
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    assert "Trials recorded: 4 of 6 planned" in md
+    assert "**Missing**: no finished trial yet for 0.9." in md
+
+
+def test_unknown_search_and_broken_input(tmp_path):
+    with pytest.raises(ReportError, match="unknown search: no results table"):
+        load_from_dir(tmp_path / "nope")
+    out = cli("report", str(tmp_path / "nope"), check=False)
+    assert out.returncode == 2 and "unknown search" in out.stdout
+    search_dir, _ = record(tmp_path, with_mlflow=False)
+    (search_dir / "results.parquet").write_bytes(b"garbage")
+    with pytest.raises(ReportError, match="cannot read results table"):
+        load_from_dir(search_dir)
+
+
+def test_pareto_front_keeps_non_dominated_trials():
+    done = pd.DataFrame({"trial_id": ["a", "b", "c", "d"], "acc": [0.5, 0.6, 0.4, 0.6],
+                         "pretrain_time_s": [10.0, 20.0, 15.0, 30.0]})
+    assert pareto_front(done, "acc", "max")["trial_id"].tolist() == ["a", "b"]
+
+
+def test_combined_searches_pool_their_trials(tmp_path):
+    a_dir, _ = record(tmp_path / "a", with_mlflow=False, drop={"t3", "t4", "t5"})  # seed 0 only
+    b_dir, _ = record(tmp_path / "b", with_mlflow=False, drop={"t0", "t1", "t2"})  # seed 1 only
+    records = [load_from_dir(a_dir), load_from_dir(b_dir)]
+    for r, prefix in zip(records, ("a", "b"), strict=True):  # distinct trial ids, as distinct searches have
+        r.table["trial_id"] = prefix + r.table["trial_id"]
+    md = write_report(records, tmp_path / "out", "cmd").read_text()
+    assert ablation_rows(md)["0.5"][1:3] == ["2", "40.5 ± 0.7"]
+
+
+COMMITTED = sorted(p for p in (Path(__file__).parent.parent / "reports").glob("*/README.md"))
+
+
+@pytest.mark.parametrize("readme", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_report_regenerates_identically(tmp_path, readme):
+    command = re.search(r"Regenerate with `([^`]+)`", readme.read_text()).group(1)
+    args = shlex.split(command)
+    assert args[:2] == ["mae-search", "report"]
+    out_index = args.index("--out")
+    root = readme.parent.parent.parent
+    args[out_index + 1] = str(tmp_path / "out")
+    cli(*args[2:], cwd=root)
+    regenerated = (tmp_path / "out" / "README.md").read_text()
+    # Only the header line names the output location; everything else must match byte for byte.
+    assert regenerated.replace(str(tmp_path / "out"), args_out(command)) == readme.read_text()
+
+
+def args_out(command: str) -> str:
+    args = shlex.split(command)
+    return args[args.index("--out") + 1]
