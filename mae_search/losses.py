@@ -81,8 +81,8 @@ def uniformity(latent: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 class LossTerms:
     total: torch.Tensor
     mse: torch.Tensor
-    freq: torch.Tensor
-    unif: torch.Tensor
+    freq: torch.Tensor | None  # None: unweighted and not measured on this step
+    unif: torch.Tensor | None
 
 
 def mae_loss(
@@ -92,15 +92,28 @@ def mae_loss(
     latent: torch.Tensor,
     cfg: LossConfig,
     patch_size: int,
+    measure_unweighted: bool = True,
 ) -> LossTerms:
-    """Combine the terms. Unweighted terms are computed without gradient, for logging only."""
+    """Combine the terms.
+
+    A term with weight 0 adds nothing to the gradient; it is only computed (without
+    gradient, for logging) when ``measure_unweighted`` -- the trainer asks on a
+    sample of steps, so logging the research terms costs almost nothing.
+    """
     pred = pred.float()
     target = patch_targets(imgs.float(), patch_size, cfg.norm_pix_loss)
-    mse = masked_mse(pred, target, mask)
-    channels = imgs.shape[1]
-    with torch.set_grad_enabled(cfg.freq_weight > 0 and torch.is_grad_enabled()):
-        freq = masked_laplacian_l1(pred, target, mask, patch_size, channels)
-    with torch.set_grad_enabled(cfg.unif_weight > 0 and torch.is_grad_enabled()):
-        unif = uniformity(latent)
-    total = mse + cfg.freq_weight * freq + cfg.unif_weight * unif
-    return LossTerms(total=total, mse=mse, freq=freq.detach(), unif=unif.detach())
+    total = mse = masked_mse(pred, target, mask)
+    freq = unif = None
+    if cfg.freq_weight > 0 or measure_unweighted:
+        with torch.set_grad_enabled(cfg.freq_weight > 0 and torch.is_grad_enabled()):
+            freq = masked_laplacian_l1(pred, target, mask, patch_size, imgs.shape[1])
+        total = total + cfg.freq_weight * freq
+    if cfg.unif_weight > 0 or measure_unweighted:
+        with torch.set_grad_enabled(cfg.unif_weight > 0 and torch.is_grad_enabled()):
+            unif = uniformity(latent)
+        total = total + cfg.unif_weight * unif
+    return LossTerms(total=total, mse=mse, freq=_detach(freq), unif=_detach(unif))
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

@@ -26,6 +26,8 @@ from mae_search.masking import scheduled_mask_ratio
 from mae_search.model import MaskedAutoencoderViT
 
 EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
+# Unweighted loss terms are measured (for logging) on one step in this many.
+MEASURE_EVERY = 8
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -120,21 +122,41 @@ class Trainer:
     def mask_ratio_at(self, epoch_progress: float) -> float:
         return scheduled_mask_ratio(self.cfg.masking, epoch_progress)
 
+    def train_step(self, imgs: torch.Tensor, ratio: float, measure: bool, update: bool) -> torch.Tensor:
+        """Forward/backward on one augmented batch (and the optimiser step when ``update``).
+
+        Returns [total, mse, freq, unif] as a device tensor (NaN for unmeasured
+        terms) so the loop never waits on the device for a Python float.
+        """
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out = self.train_model(imgs, ratio)
+            terms = mae_loss(imgs, out.pred, out.mask, out.latent, self.cfg.loss, self.cfg.model.patch_size,
+                             measure_unweighted=measure)
+        (terms.total / self.cfg.optim.accum_iter).backward()
+        if update:
+            if self.cfg.optim.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+        nan = terms.total.new_full((), float("nan")).detach()
+        return torch.stack([terms.total.detach(), terms.mse.detach(),
+                            nan if terms.freq is None else terms.freq, nan if terms.unif is None else terms.unif])
+
     def train_one_epoch(self) -> dict[str, float]:
-        cfg, model = self.cfg, self.train_model
-        model.train()
+        cfg = self.cfg
+        self.train_model.train()
         torch.manual_seed(cfg.seed * 100_003 + self.epoch * 1_009 + self.rank)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
         batches = epoch_batches(len(self.data.pretrain), cfg.batch_size, gen, self.rank, self.world_size)
         batches = batches[: self.steps_per_epoch * cfg.optim.accum_iter]
         total_steps = cfg.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        sums = torch.zeros(4, device=self.device)  # total, mse, freq, unif -- no per-step host sync
+        per_step = []
         ratio_sum = 0.0
         start = time.perf_counter()
         for i, idx in enumerate(batches):
-            progress = self.epoch + i / len(batches)
-            ratio = self.mask_ratio_at(progress)
+            ratio = self.mask_ratio_at(self.epoch + i / len(batches))
             ratio_sum += ratio
             if i % cfg.optim.accum_iter == 0:
                 lr = lr_at(self.step, self.base_lr, warmup, total_steps, cfg.optim.min_lr)
@@ -142,21 +164,12 @@ class Trainer:
                     group["lr"] = lr
             imgs = normalize(self.data.pretrain.images[idx.to(self.device)])
             imgs = random_resized_crop_flip(imgs, cfg.data.crop_scale, cfg.data.hflip, gen)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                out = model(imgs, ratio)
-                terms = mae_loss(imgs, out.pred, out.mask, out.latent, cfg.loss, cfg.model.patch_size)
-            (terms.total / cfg.optim.accum_iter).backward()
-            sums += torch.stack([terms.total.detach(), terms.mse.detach(), terms.freq, terms.unif])
-            if (i + 1) % cfg.optim.accum_iter == 0:
-                if cfg.optim.clip_grad:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+            update = (i + 1) % cfg.optim.accum_iter == 0
+            per_step.append(self.train_step(imgs, ratio, measure=i % MEASURE_EVERY == 0, update=update))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        total, mse, freq, unif = (sums / len(batches)).tolist()
+        total, mse, freq, unif = torch.stack(per_step).nanmean(dim=0).tolist()
         images = len(batches) * cfg.batch_size * self.world_size
         return {
             "loss": total, "mse": mse, "freq_loss": freq, "unif_loss": unif,
