@@ -71,3 +71,14 @@ def test_total_combines_weighted_terms_and_reports_each():
     assert torch.allclose(both.total, both.mse + 0.05 * both.freq + 0.01 * both.unif)
     both.total.backward()
     assert latent.grad is not None and latent.grad.abs().sum() > 0
+
+
+def test_unweighted_terms_only_measured_when_asked():
+    imgs, mask, p = _setup()
+    pred, latent = torch.randn(2, 16, 48), torch.randn(2, 9, 32)
+    skipped = mae_loss(imgs, pred, mask, latent, LossConfig(), p, measure_unweighted=False)
+    assert skipped.freq is None and skipped.unif is None
+    weighted = mae_loss(imgs, pred, mask, latent, LossConfig(freq_weight=0.1), p, measure_unweighted=False)
+    assert weighted.freq is not None and weighted.unif is None
+    measured = mae_loss(imgs, pred, mask, latent, LossConfig(), p, measure_unweighted=True)
+    assert torch.equal(measured.total, skipped.total)

@@ -116,3 +116,21 @@ max_concurrent_trials: 1
         assert old["trial_time_s"].tolist() == new["trial_time_s"].tolist()
     assert all(p.stat().st_mtime == m for p, m in stamps.items() if p.exists())
     assert not {p for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")} - set(stamps)
+
+
+def test_two_worker_ddp_trial(tmp_path):
+    """One trial as a 2-worker Ray Train DDP job (gloo on CPU): the shards together cover the batch."""
+    space = micro_space(tmp_path, "ddp", """
+dimensions: {}
+metric: loss
+mode: min
+scheduler: {type: none}
+resources: {workers: 2, cpus_per_worker: 1}
+""", epochs=2, num_train=512)
+    cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2", "--no-mlflow")
+    df = read_results(tmp_path / "results" / "ddp").sort_values("epoch")
+    assert df["epoch"].tolist() == [1, 2] and (df["status"] == "completed").all()
+    assert df["loss"].iloc[1] < df["loss"].iloc[0]
+    # 512 images, batch 32 per worker, 2 workers: 8 steps of 64 images each epoch.
+    assert df["throughput_img_s"].gt(0).all()
+    assert (df["epoch_time_s"] * df["throughput_img_s"]).round().eq(512).all()

@@ -96,11 +96,12 @@ def test_evaluation_metrics_present(micro_cfg):
 def test_tiny_model_learns_and_beats_random_init_probe():
     """A few CPU minutes: masked loss falls clearly and the probe beats a random encoder's."""
     torch.manual_seed(0)
-    cfg = TrainConfig.from_dict({"epochs": 8, "optim": {"blr": 5e-3}, "eval": {"every_epochs": 100},
+    cfg = TrainConfig.from_dict({"epochs": 30, "optim": {"blr": 5e-3}, "eval": {"every_epochs": 100},
                                  "data": {"num_train": 3000, "num_test": 1000}})
     trainer = Trainer(cfg)
     random_init = trainer.evaluate()
     history = trainer.fit()
-    assert history[-1]["mse"] < 0.6 * history[0]["mse"]
-    assert history[-1]["linear_probe_acc"] > random_init["linear_probe_acc"] + 0.02
+    assert history[-1]["mse"] < 0.5 * history[0]["mse"]
+    assert history[-1]["linear_probe_acc"] > random_init["linear_probe_acc"] + 0.05
+    assert history[-1]["knn_acc"] > random_init["knn_acc"]
     assert history[-1]["psnr"] > random_init["psnr"] + 3

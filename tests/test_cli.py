@@ -1,0 +1,39 @@
+"""The train command as a user runs it."""
+
+import json
+
+from tests.conftest import cli
+
+CONFIG = """
+model: {img_size: 16, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2,
+        decoder_embed_dim: 16, decoder_depth: 1, decoder_num_heads: 2}
+data: {num_train: 128, num_test: 64}
+eval: {probe_epochs: 2, grid_images: 4}
+batch_size: 32
+epochs: 2
+"""
+
+
+def test_train_then_resume(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "run"
+    first = cli("train", "--config", str(config), "--out", str(out))
+    assert "epoch 2:" in first.stderr + first.stdout
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (out / "reconstruction.png").is_file() and (out / "checkpoint.pt").is_file()
+    cli("train", "--config", str(config), "--out", str(out), "--resume", "--epochs", "3")
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # continued from epoch 2, did not start over
+
+
+def test_train_errors_are_one_line(tmp_path):
+    bad = cli("train", "--set", "masking.mask_ratio=1.5", check=False)
+    assert bad.returncode == 2 and "masking.mask_ratio" in bad.stdout and "Traceback" not in bad.stderr
+    missing = cli("train", "--set", "data.dataset=stl10", "--set", f"data.path={tmp_path / 'none'}", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stdout
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"corrupt")
+    corrupt = cli("train", "--out", str(tmp_path / "run"), "--resume", check=False)
+    assert corrupt.returncode == 2 and "corrupt or unreadable checkpoint" in corrupt.stdout
