@@ -174,3 +174,44 @@ def test_committed_report_regenerates_identically(tmp_path, readme):
 def args_out(command: str) -> str:
     args = shlex.split(command)
     return args[args.index("--out") + 1]
+
+
+OPTUNA_SPACE = """
+name: fixture-joint
+base: {epochs: 2}
+dimensions:
+  masking.mask_ratio: {uniform: [0.5, 0.9]}
+  loss.freq_weight: {uniform: [0.0, 0.2]}
+metric: linear_probe_acc
+mode: max
+num_samples: 8
+"""
+
+
+def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(OPTUNA_SPACE)
+    space = load_search_space(space_file)
+    search_dir = tmp_path / "results" / space.name
+    search_dir.mkdir(parents=True)
+    (search_dir / "search_space.json").write_text(space.model_dump_json())
+    cb = ResultsTableCallback(search_dir, space.name, 2, space)
+    cb.setup()
+    # Accuracy depends on mask ratio only, so fANOVA must rank it first.
+    for i in range(8):
+        ratio, freq = 0.5 + 0.05 * i, 0.2 * ((i * 5) % 8) / 8
+        trial = FakeTrial(f"j{i}", {"masking.mask_ratio": ratio, "loss.freq_weight": freq, "seed": 0})
+        for epoch in (1, 2):
+            acc = ratio * epoch / 2
+            cb.on_trial_result(0, [], trial, {"epoch": epoch, "training_iteration": epoch, "config": trial.config,
+                                              "linear_probe_acc": acc, "pretrain_time_s": 10 * ratio * epoch})
+        cb.on_trial_complete(0, [], trial)
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    best = md.split("## Best trials")[1].split("\n\n")[1].splitlines()[2]
+    assert best.startswith("| **j7** |")
+    importances = md.split("## Parameter importances")[1].split("\n\n")[2].splitlines()
+    assert importances[2].startswith("| masking.mask_ratio |")
+    # Higher mask ratio is both more accurate and slower here, so every trial is on the front.
+    pareto = md.split("## Accuracy vs pretraining time: Pareto front")[1].split("\n\n")[1].splitlines()[2:]
+    assert len(pareto) == 8
+    assert (tmp_path / "out" / "pareto.png").is_file()
