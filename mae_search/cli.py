@@ -112,7 +112,8 @@ def search(
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
             f"results in {search_dir}"
         )
-        grid = run_search(space, storage, address=address, resume=resume, callbacks=callbacks, num_cpus=num_cpus)
+        _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
+                               num_cpus=num_cpus)
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -120,7 +121,7 @@ def search(
     except FileNotFoundError:
         _fail(f"search '{space.name}' ended before any trial reported a result")
     _print_trials(table, space.primary.metric, space.primary.mode)
-    console.print(f"{len(table)} trials in {grid.wall_time_s:.0f}s; table: {search_dir / 'results.parquet'}")
+    console.print(f"{len(table)} trials in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
     unfinished = int((table["status"] == "running").sum())
     if unfinished or len(table) < space.total_trials():
         console.print(

@@ -249,8 +249,8 @@ def run_search(
     resume: bool = False,
     callbacks: list[Any] | None = None,
     num_cpus: int | None = None,
-) -> tune.ResultGrid:
-    """Run (or resume) a search to completion and return Tune's ResultGrid."""
+) -> tuple[tune.ResultGrid, float]:
+    """Run (or resume) a search to completion; returns Tune's ResultGrid and the wall time in seconds."""
     storage = str(Path(storage).expanduser().resolve())
     exp_dir = Path(storage) / space.name
     init_ray(address, num_cpus)
@@ -272,5 +272,4 @@ def run_search(
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))
     grid = tuner.fit()
-    grid.wall_time_s = time.time() - started  # type: ignore[attr-defined]
-    return grid
+    return grid, time.time() - started
