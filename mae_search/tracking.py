@@ -164,7 +164,9 @@ class MLflowSearchCallback(Callback):
         location = None
         if self.uri.startswith("sqlite:///"):  # embedded store: artifacts beside the database
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        # Tagged as model training, so the MLflow UI opens on its runs table rather than the GenAI views.
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
 
     def _setup_parent(self) -> None:
         state_file = self.search_dir / STATE_FILE
