@@ -49,6 +49,23 @@ base:
 """
 
 
+# blr 5e-3 learns; 1e-7 cannot. Evaluated first and in that order (one trial at a time), ASHA
+# must stop the second at its first rung because its loss is far above the first's.
+ASHA_BLR_BODY = """
+dimensions:
+  optim.blr: {{loguniform: [1.0e-7, 1.0e-2]}}
+initial_points:
+  - {{optim.blr: 5.0e-3}}
+  - {{optim.blr: 1.0e-7}}
+metric: loss
+mode: min
+num_samples: {num_samples}
+sampler: tpe
+scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
+max_concurrent_trials: 1
+"""
+
+
 def micro_space(tmp_path: Path, name: str, body: str, epochs: int = 3, num_train: int = 256) -> Path:
     """Write a search space with a micro model (seconds per epoch) and return its path."""
     path = tmp_path / f"{name}.yaml"

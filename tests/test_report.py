@@ -34,15 +34,21 @@ class FakeTrial:
         self.trial_id, self.config, self.status, self.error_file = trial_id, config, status, None
 
 
-def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset()):
-    """Feed synthetic per-epoch results through the callbacks a real search uses."""
+def new_search(tmp_path: Path, text: str):
+    """A search space file and the directory a search of it records into, as `mae-search search` lays it out."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(SPACE)
+    space_file.write_text(text)
     space = load_search_space(space_file)
     search_dir = tmp_path / "results" / space.name
     search_dir.mkdir(parents=True)
     (search_dir / "search_space.json").write_text(space.model_dump_json())
+    return space, space_file, search_dir
+
+
+def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset()):
+    """Feed synthetic per-epoch results through the callbacks a real search uses."""
+    space, space_file, search_dir = new_search(tmp_path, SPACE)
     callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     if with_mlflow:
@@ -189,12 +195,7 @@ num_samples: 8
 
 
 def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(OPTUNA_SPACE)
-    space = load_search_space(space_file)
-    search_dir = tmp_path / "results" / space.name
-    search_dir.mkdir(parents=True)
-    (search_dir / "search_space.json").write_text(space.model_dump_json())
+    space, _, search_dir = new_search(tmp_path, OPTUNA_SPACE)
     cb = ResultsTableCallback(search_dir, space.name, 2, space)
     cb.setup()
     # Accuracy depends on mask ratio only, so fANOVA must rank it first.

@@ -9,27 +9,13 @@ import psutil
 import pytest
 
 from mae_search.results import read_results
-from tests.conftest import cli, cli_popen, micro_space
+from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, micro_space
 
 pytestmark = pytest.mark.slow
 
 
 def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
-    # blr 5e-3 learns; 1e-7 cannot. Evaluated first and in that order (one at a time), ASHA
-    # must stop the second at its first rung because its loss is far above the first's.
-    space = micro_space(tmp_path, "asha", """
-dimensions:
-  optim.blr: {loguniform: [1.0e-7, 1.0e-2]}
-initial_points:
-  - {optim.blr: 5.0e-3}
-  - {optim.blr: 1.0e-7}
-metric: loss
-mode: min
-num_samples: 4
-sampler: tpe
-scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
-max_concurrent_trials: 1
-""")
+    space = micro_space(tmp_path, "asha", ASHA_BLR_BODY.format(num_samples=4))
     out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
     df = read_results(tmp_path / "results" / "asha")
     final = df.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mae_search.results import read_results
 from mae_search.search_space import load_search_space
 from mae_search.tracking import MLflowSearchCallback, TrackingError, check_tracking, load_encoder
-from tests.conftest import cli, micro_space
+from tests.conftest import ASHA_BLR_BODY, cli, micro_space
 
 
 def free_port() -> int:
@@ -64,19 +64,7 @@ def runs_of(client: MlflowClient, experiment: str):
 
 @pytest.mark.slow
 def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
-    space = micro_space(tmp_path, "tracked", """
-dimensions:
-  optim.blr: {loguniform: [1.0e-7, 1.0e-2]}
-initial_points:
-  - {optim.blr: 5.0e-3}
-  - {optim.blr: 1.0e-7}
-metric: loss
-mode: min
-num_samples: 3
-scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
-max_concurrent_trials: 1
-experiment: tracked-exp
-""")
+    space = micro_space(tmp_path, "tracked", ASHA_BLR_BODY.format(num_samples=3) + "experiment: tracked-exp\n")
     cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2",
         "--tracking-uri", mlflow_server)
     df = read_results(tmp_path / "results" / "tracked")
