@@ -67,6 +67,9 @@ def train(
         t.save(ckpt)
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        with (out / "steps.jsonl").open("a") as f:  # mask ratio and lr in force at every step
+            f.writelines(json.dumps(s) + "\n" for s in t.step_log)
+        t.step_log.clear()
         bar.update(1)
         shown = {k: metrics[k] for k in ("loss", "mask_ratio", "linear_probe_acc", "knn_acc", "psnr") if k in metrics}
         bar.write(f"epoch {epoch}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))

@@ -88,6 +88,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.step = 0  # optimisation steps taken
         self.history: list[dict[str, float]] = []
+        self.step_log: list[dict[str, float]] = []  # per optimisation step: mask ratio and lr in force
 
     # ------------------------------------------------------------------ state
 
@@ -165,6 +166,9 @@ class Trainer:
             imgs = normalize(self.data.pretrain.images[idx.to(self.device)])
             imgs = random_resized_crop_flip(imgs, cfg.data.crop_scale, cfg.data.hflip, gen)
             update = (i + 1) % cfg.optim.accum_iter == 0
+            if update:
+                self.step_log.append({"step": self.step, "epoch": self.epoch + i / len(batches),
+                                      "mask_ratio": ratio, "lr": self.optimizer.param_groups[0]["lr"]})
             per_step.append(self.train_step(imgs, ratio, measure=i % MEASURE_EVERY == 0, update=update))
         if self.device.type == "cuda":
             torch.cuda.synchronize()

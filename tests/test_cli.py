@@ -23,6 +23,8 @@ def test_train_then_resume(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert (out / "reconstruction.png").is_file() and (out / "checkpoint.pt").is_file()
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(len(steps))) and len(steps) == 2 * (128 // 32)
     cli("train", "--config", str(config), "--out", str(out), "--resume", "--epochs", "3")
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # continued from epoch 2, did not start over

@@ -86,3 +86,22 @@ def test_epoch_batches_shard_disjointly():
     assert len(r0) == len(r1) == 50 and not set(r0.tolist()) & set(r1.tolist())
     with pytest.raises(DataError, match="smaller than one batch"):
         epoch_batches(5, 10, torch.Generator())
+
+
+def test_imagefolder_reader(tmp_path):
+    from PIL import Image
+
+    from mae_search.data import load_imagefolder
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    train, val = load_imagefolder(tmp_path, 16)
+    assert train.images.shape == (6, 3, 16, 16) and train.images.dtype == torch.uint8
+    assert train.classes == ("cat", "dog") and sorted(val.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(DataError, match="must contain train/ and val/"):
+        load_imagefolder(tmp_path / "train", 16)

@@ -114,3 +114,24 @@ def test_concurrency_respects_cluster(tmp_path):
     assert plan_concurrency(gpu, {"CPU": 16, "GPU": 4}).concurrency == 2
     with pytest.raises(ConfigError, match="needs 4 CPU and 2 GPU"):
         plan_concurrency(gpu, {"CPU": 16, "GPU": 1})
+
+
+def test_searchers_follow_the_file(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mae_search.ray_search import make_scheduler, make_searcher
+
+    grid = load_search_space(write(tmp_path, VALID))
+    assert make_searcher(grid) is None  # a grid runs every value, no search algorithm
+    two = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}").replace(
+        "metric: linear_probe_acc\nmode: max\n",
+        "objectives: [{metric: linear_probe_acc, mode: max}, {metric: pretrain_time_s, mode: min}]\n"
+        "scheduler: {type: none}\nsampler: nsga2\n")
+    space = load_search_space(write(tmp_path, two))
+    searcher = make_searcher(space)
+    assert isinstance(searcher, OptunaSearch)
+    assert searcher._metric == ["linear_probe_acc", "pretrain_time_s"] and searcher._mode == ["max", "min"]
+    assert type(searcher._sampler).__name__ == "NSGAIISampler"
+    assert make_scheduler(space, 3) is None
+    with pytest.raises(ConfigError, match="ASHA needs a single metric"):
+        load_search_space(write(tmp_path, two.replace("scheduler: {type: none}\n", "")))

@@ -31,9 +31,14 @@ def test_effective_lr_scales_with_batch(micro_cfg):
 def test_curriculum_ratio_is_logged(micro_cfg):
     cfg = micro_cfg.with_overrides({"masking.curriculum": True, "masking.start_ratio": 0.5,
                                     "masking.ramp_epochs": 2, "eval.every_epochs": 10})
-    history = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    history = trainer.fit()
     assert history[0]["mask_ratio"] < history[1]["mask_ratio"] < 0.75
     assert history[1]["mask_ratio_end"] == pytest.approx(0.75)
+    # Every optimisation step records the ratio in force, rising from the start ratio.
+    ratios = [s["mask_ratio"] for s in trainer.step_log]
+    assert len(ratios) == 2 * trainer.steps_per_epoch and ratios[0] == pytest.approx(0.5)
+    assert ratios == sorted(ratios)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, micro_cfg):
