@@ -258,9 +258,42 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[fl
     return float(diff.mean()), half, n
 
 
-def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
-    """The paper-style table: a row per setting, mean ± std over seeds, best in bold, Δ vs baseline."""
+def ablation_tables(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
+    """One table per factor. With several grid factors (decoder depth x width), each factor's table
+    holds the others at the best setting -- as the paper holds them at its defaults -- and a last
+    table lists every combination."""
     cols = factor_columns(space, table)
+    if len(cols) <= 1:
+        report.heading("Ablation")
+        ablation_table(space, table, report, cols, "ablation")
+        return
+    best = _best_setting(space, table, cols)
+    for col in cols:
+        name = col.removeprefix("param.")
+        report.heading(f"Ablation: {name}")
+        if best is None:
+            report.text("No finished trial yet.")
+            continue
+        others = {c: v for c, v in best.items() if c != col}
+        report.text("Other factors held at the best setting: "
+                    + ", ".join(f"{c.removeprefix('param.')} = {fmt_setting(v)}" for c, v in others.items()) + ".")
+        mask = np.logical_and.reduce([table[c] == v for c, v in others.items()])
+        ablation_table(space, table[mask], report, [col], f"ablation_{name.split('.')[-1]}")
+    report.heading("All settings")
+    ablation_table(space, table, report, cols, "ablation_all")
+
+
+def _best_setting(space: SearchSpace, table: pd.DataFrame, cols: list[str]) -> dict[str, Any] | None:
+    done = completed_final(table)
+    if done.empty or space.primary.metric not in done:
+        return None
+    means = done.groupby(cols)[space.primary.metric].mean()
+    key = means.idxmax() if space.primary.mode == "max" else means.idxmin()
+    return dict(zip(cols, key if isinstance(key, tuple) else (key,), strict=True))
+
+
+def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols: list[str], name: str) -> None:
+    """The paper-style table: a row per setting, mean ± std over seeds, best in bold, Δ vs baseline."""
     final = final_rows(table)
     done = final[final["status"] == STATUS_COMPLETED]
     primary = METRIC_BY_KEY.get(space.primary.metric)
@@ -293,7 +326,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> N
     caption = ("Final metrics of finished trials; mean ± std over seeds where n > 1. "
                f"Best {primary.label if primary else ''} in bold. "
                "Δ: paired by seed against the baseline, mean with 95% t-interval.")
-    report.table(Table("ablation", headers, rows, bold, caption))
+    report.table(Table(name, headers, rows, bold, caption))
     missing = [fmt_setting(s[0]) if len(s) == 1 else str(s) for s, m in zip(settings, means, strict=True)
                if math.isnan(m)]
     expected = _expected_settings(space, cols)
@@ -536,8 +569,7 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     if final.empty or not (final["status"] == STATUS_COMPLETED).any():
         report.text("**No trial has finished yet**: tables below will fill in as trials complete.")
     if space.is_grid:
-        report.heading("Ablation")
-        ablation_table(space, table, report)
+        ablation_tables(space, table, report)
         png = plot_factor(space, table)
         if png:
             report.image("factor.png", png, "metric vs ablated factor")

@@ -216,3 +216,37 @@ def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
     pareto = md.split("## Accuracy vs pretraining time: Pareto front")[1].split("\n\n")[1].splitlines()[2:]
     assert len(pareto) == 8
     assert (tmp_path / "out" / "pareto.png").is_file()
+
+
+DECODER_SPACE = """
+name: fixture-decoder
+base: {epochs: 1}
+dimensions:
+  model.decoder_depth: {grid: [1, 2]}
+  model.decoder_embed_dim: {grid: [16, 32]}
+metric: linear_probe_acc
+mode: max
+scheduler: {type: none}
+"""
+
+
+def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
+    space, _, search_dir = new_search(tmp_path, DECODER_SPACE)
+    cb = ResultsTableCallback(search_dir, space.name, 1, space)
+    cb.setup()
+    for i, (depth, width) in enumerate((d, w) for d in (1, 2) for w in (16, 32)):
+        trial = FakeTrial(f"d{i}", {"model.decoder_depth": depth, "model.decoder_embed_dim": width, "seed": 0})
+        acc = 0.1 * depth + width / 1000
+        cb.on_trial_result(0, [], trial, {"epoch": 1, "training_iteration": 1, "config": trial.config,
+                                          "linear_probe_acc": acc})
+        cb.on_trial_complete(0, [], trial)
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    depth = md.split("## Ablation: model.decoder_depth")[1].split("## ")[0]
+    assert "Other factors held at the best setting: model.decoder_embed_dim = 32." in depth
+    assert "| 1 | 1 | 13.2 |" in depth and "| **2** | **1** | **23.2** |" in depth
+    width = md.split("## Ablation: model.decoder_embed_dim")[1].split("## ")[0]
+    assert "model.decoder_depth = 2." in width and "| 16 | 1 | 21.6 |" in width
+    combined = md.split("## All settings")[1].split("## ")[0]
+    assert combined.count("decoder_depth=") == 4 and "**decoder_depth=2, decoder_embed_dim=32**" in combined
+    assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
+        "ablation_decoder_depth.csv", "ablation_decoder_embed_dim.csv", "ablation_all.csv"}
