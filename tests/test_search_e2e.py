@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -120,3 +121,30 @@ resources: {workers: 2, cpus_per_worker: 1}
     # 512 images, batch 32 per worker, 2 workers: 8 steps of 64 images each epoch.
     assert df["throughput_img_s"].gt(0).all()
     assert (df["epoch_time_s"] * df["throughput_img_s"]).round().eq(512).all()
+
+
+def test_search_joins_an_existing_cluster(tmp_path):
+    """`--address` joins a cluster started with `ray start`, which outlives the search."""
+    import socket
+    import subprocess
+    import sys
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                              f"--temp-dir={tmp_path / 'ray'}"], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        space = micro_space(tmp_path, "joined", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n",
+                            epochs=1)
+        out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", f"127.0.0.1:{port}",
+                  "--no-mlflow")
+        assert "Connecting to existing Ray cluster" in out.stdout + out.stderr
+        assert (read_results(tmp_path / "results" / "joined")["status"] == "completed").all()
+        status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0  # the cluster is still up after the search
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
