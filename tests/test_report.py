@@ -171,7 +171,7 @@ def test_committed_report_regenerates_identically(tmp_path, readme):
     out_index = args.index("--out")
     root = readme.parent.parent.parent
     args[out_index + 1] = str(tmp_path / "out")
-    cli(*args[2:], cwd=root)
+    cli(*args[1:], cwd=root)
     regenerated = (tmp_path / "out" / "README.md").read_text()
     # Only the header line names the output location; everything else must match byte for byte.
     assert regenerated.replace(str(tmp_path / "out"), args_out(command)) == readme.read_text()
