@@ -39,6 +39,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
     epochs: Annotated[int | None, typer.Option(help="override epochs")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set masking.mask_ratio=0.9")] = None,
+    eval_init: Annotated[bool, typer.Option(help="evaluate the random init first (epoch 0)")] = False,
 ) -> None:
     """Pre-train one MAE with a progress bar and per-epoch metrics (no Ray needed)."""
     from tqdm import tqdm
@@ -61,6 +62,12 @@ def train(
         _fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if eval_init and trainer.epoch == 0:
+        initial = {**trainer.evaluate(), "epoch": 0}
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(initial) + "\n")
+        console.print("epoch 0 (random init): " + "  ".join(
+            f"{k}={initial[k]:.4g}" for k in ("linear_probe_acc", "knn_acc", "psnr") if k in initial))
     bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc="pretrain", unit="epoch")
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:

@@ -18,16 +18,17 @@ def test_train_then_resume(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG)
     out = tmp_path / "run"
-    first = cli("train", "--config", str(config), "--out", str(out))
-    assert "epoch 2:" in first.stderr + first.stdout
+    first = cli("train", "--config", str(config), "--out", str(out), "--eval-init")
+    assert "epoch 0 (random init)" in first.stdout and "epoch 2:" in first.stderr + first.stdout
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert "linear_probe_acc" in json.loads(lines[0])
     assert (out / "reconstruction.png").is_file() and (out / "checkpoint.pt").is_file()
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(len(steps))) and len(steps) == 2 * (128 // 32)
     cli("train", "--config", str(config), "--out", str(out), "--resume", "--epochs", "3")
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]  # continued from epoch 2, did not start over
+    assert epochs == [0, 1, 2, 3]  # continued from epoch 2, did not start over
 
 
 def test_train_errors_are_one_line(tmp_path):
