@@ -298,7 +298,9 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     done = final[final["status"] == STATUS_COMPLETED]
     primary = METRIC_BY_KEY.get(space.primary.metric)
     metrics = [m for m in METRICS if m.key in done.columns]
-    settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)}, key=_sort_key)
+    declared = _expected_settings(space, cols)  # the file's order (original first, as written)
+    settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)},
+                      key=lambda s: (declared.index(s), ()) if s in declared else (len(declared), _sort_key(s)))
     baseline = _baseline_setting(space, cols, settings)
     headers = [", ".join(c.removeprefix("param.") for c in cols), "n", *[m.label for m in metrics]]
     if baseline is not None and primary is not None:
@@ -491,7 +493,9 @@ def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
     import matplotlib.pyplot as plt
 
     grouped = done.groupby(cols[0])[spec.key].agg(["mean", "std", "count"]).reset_index()
-    grouped = grouped.sort_values(cols[0], key=lambda s: s.map(lambda v: _sort_key((v,))))
+    declared = [v for (v,) in _expected_settings(space, cols)]
+    grouped = grouped.sort_values(cols[0], key=lambda s: s.map(
+        lambda v: (declared.index(v), ()) if v in declared else (len(declared), _sort_key((v,)))))
     x = [fmt_setting(v) for v in grouped[cols[0]]]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.errorbar(x, grouped["mean"] * spec.scale, yerr=grouped["std"].fillna(0) * spec.scale, fmt="o-", capsize=4)
