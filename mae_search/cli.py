@@ -102,7 +102,7 @@ def search(
     mlflow: Annotated[bool, typer.Option(help="log the search to MLflow")] = True,
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
-    from mae_search.ray_search import run_search
+    from mae_search.ray_search import init_ray, run_search
     from mae_search.results import ResultsTableCallback, final_rows, read_results
     from mae_search.search_space import load_search_space
     from mae_search.tracking import MLflowSearchCallback, check_tracking, resolve_tracking_uri
@@ -122,6 +122,7 @@ def search(
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
             f"results in {search_dir}"
         )
+        console.print(init_ray(address, num_cpus))
         _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
                                num_cpus=num_cpus)
     except ValueError as exc:

@@ -199,10 +199,13 @@ def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPl
     return ClusterPlan(concurrency=min(space.max_concurrent_trials, fits), cpus=cpus, gpus=gpus)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (``auto``, ``ray://host:10001``), or start a local instance for this search."""
+def init_ray(address: str | None, num_cpus: int | None = None) -> str:
+    """Join ``address`` (``auto``, ``ray://host:10001``), or start a local instance for this search.
+
+    Returns a one-line description of the cluster for the user.
+    """
     if ray.is_initialized():
-        return
+        return describe_cluster("Ray")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if address:
@@ -211,6 +214,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         # The dashboard process also serves the State API, which Train V2's
         # placement-group cleaner needs to notice a finished trial.
         ray.init(num_cpus=num_cpus, **kwargs)
+    return describe_cluster(f"Ray: joined the cluster at {address}" if address else "Ray: started a local instance")
+
+
+def describe_cluster(prefix: str) -> str:
+    res = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    return f"{prefix} ({nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
 
 
 def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurrency: int) -> tune.Tuner:
