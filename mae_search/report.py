@@ -378,7 +378,7 @@ def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> No
     params = [c for c in final.columns if c.startswith("param.")]
     metric = space.primary.metric
     headers = ["trial", "status", "seed", *[p.removeprefix("param.") for p in params], "last epoch", metric]
-    rows = [[r["trial_id"], r["status"], str(r["seed"]), *[fmt_setting(r[p]) for p in params], str(r["epoch"]),
+    rows = [[r["trial_id"], r["status"], str(r["seed"]), *[fmt_setting(_round(r[p])) for p in params], str(r["epoch"]),
              "-" if metric not in r or pd.isna(r[metric]) else f"{r[metric]:.4f}"] for _, r in stopped.iterrows()]
     report.heading("Trials stopped early or failed")
     report.text("Not part of the means above: ASHA stopped these before the last epoch (or they failed).")
