@@ -41,6 +41,15 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def trial_error(trial: Any, limit: int) -> str:
+    """The last line of a failed trial's error file (the exception), or a generic phrase."""
+    if trial.error_file and Path(trial.error_file).is_file():
+        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:limit]
+    return "trial failed"
+
+
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The last reported epoch of each trial (what a table of final metrics shows)."""
     return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
@@ -103,11 +112,7 @@ class ResultsTableCallback(Callback):
         self._write()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = ""
-        if trial.error_file and Path(trial.error_file).is_file():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            error = lines[-1][:500] if lines else ""
-        self.status[trial.trial_id] = (STATUS_FAILED, error or "trial failed")
+        self.status[trial.trial_id] = (STATUS_FAILED, trial_error(trial, 500))
         if not any(t == trial.trial_id for t, _ in self.rows):  # failed before its first epoch
             self.rows[(trial.trial_id, 0)] = self._base_row(trial, dict(trial.config), 0)
         self._write()

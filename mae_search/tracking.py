@@ -258,11 +258,9 @@ class MLflowSearchCallback(Callback):
         self._safe("trial end", self._end_trial, trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = "trial failed"
-        if trial.error_file and Path(trial.error_file).is_file():
-            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-            error = lines[-1][:4000] if lines else error
-        self._safe("trial error", self._end_trial, trial, error)
+        from mae_search.results import trial_error
+
+        self._safe("trial error", self._end_trial, trial, trial_error(trial, 4000))
 
     def _end_trial(self, trial: Any, error: str | None) -> None:
         run_id = self._child(trial)

@@ -250,3 +250,18 @@ def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
     assert combined.count("decoder_depth=") == 4 and "**decoder_depth=2, decoder_embed_dim=32**" in combined
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
         "ablation_decoder_depth.csv", "ablation_decoder_embed_dim.csv", "ablation_all.csv"}
+
+
+def test_failed_trial_is_recorded_with_its_error(tmp_path):
+    space, _, search_dir = new_search(tmp_path, SPACE)
+    cb = ResultsTableCallback(search_dir, space.name, 3, space)
+    cb.setup()
+    trial = FakeTrial("f0", {"masking.mask_ratio": 0.5, "seed": 0})
+    trial.error_file = str(tmp_path / "error.txt")
+    Path(trial.error_file).write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    cb.on_trial_error(0, [], trial)  # failed before its first epoch
+    table = pd.read_parquet(search_dir / "results.parquet")
+    assert table[["trial_id", "status", "error", "epoch"]].values.tolist() == [
+        ["f0", "failed", "RuntimeError: CUDA out of memory", 0]]
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    assert "| f0 | failed | 0 | 0.5 | 0 | - |" in md and "**No trial has finished yet**" in md
