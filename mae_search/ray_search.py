@@ -30,10 +30,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from mae_search.checkpoint import CHECKPOINT_FILE
 from mae_search.config import ConfigError, TrainConfig
+from mae_search.results import SPACE_FILE
 from mae_search.search_space import SearchSpace
 from mae_search.train import Trainer
 
-SPACE_FILE = "search_space.json"
 # The Tune-side driver of a trial only waits on its Ray Train run. It takes no
 # CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
 # leaves every CPU to the training workers; see plan_concurrency.

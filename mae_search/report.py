@@ -26,10 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mae_search.results import RESULTS_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_STOPPED, best_row, final_rows
+from mae_search.results import (
+    RESULTS_FILE,
+    SPACE_FILE,
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    STATUS_STOPPED,
+    best_row,
+    final_rows,
+)
 from mae_search.search_space import SearchSpace
 
-SPACE_FILE = "search_space.json"
 GRID_FILE = "best_reconstruction.png"
 
 

@@ -19,10 +19,20 @@ import pandas as pd
 from ray.tune import Callback
 
 RESULTS_FILE = "results.parquet"
+SPACE_FILE = "search_space.json"  # the validated space, beside the table (read by `list` and `report`)
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "running", "completed", "stopped_early", "failed"
-_SKIP = {"config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid",
-         "time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp",
-         "checkpoint_dir_name", "experiment_tag", "time_total_s", "should_checkpoint", "checkpoint_path"}
+# Keys Tune adds to every result (and the epoch, which is the step, not a metric).
+TUNE_KEYS = frozenset({
+    "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
+    "time_since_restore", "iterations_since_restore", "timestamp", "checkpoint_dir_name", "experiment_tag",
+    "time_total_s", "should_checkpoint", "checkpoint_path", "epoch",
+})
+
+
+def reported_metrics(result: dict[str, Any]) -> dict[str, int | float]:
+    """The numbers the trainer reported in a Tune result, without Tune's bookkeeping."""
+    return {k: v for k, v in result.items()
+            if k not in TUNE_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -62,7 +72,6 @@ def best_row(final: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     return final.loc[final[metric].idxmax() if mode == "max" else final[metric].idxmin()]
 
 
-
 class ResultsTableCallback(Callback):
     """Collects every trial's per-epoch results and keeps the Parquet table current."""
 
@@ -97,7 +106,7 @@ class ResultsTableCallback(Callback):
         epoch = int(result.get("epoch", result["training_iteration"]))
         row = {
             **self._base_row(trial, dict(result.get("config", trial.config)), epoch),
-            **{k: v for k, v in result.items() if k not in _SKIP and isinstance(v, int | float)},
+            **reported_metrics(result),
             "trial_time_s": float(result.get("time_total_s", 0.0)),
             "checkpoint_path": result.get("checkpoint_path") or "",
         }
@@ -139,8 +148,6 @@ class ResultsTableCallback(Callback):
 
 def search_summary(search_dir: Path) -> dict[str, Any]:
     """Name, trial counts by status and best final metric of a search directory (for ``mae-search list``)."""
-    from mae_search.ray_search import SPACE_FILE
-
     space = json.loads((search_dir / SPACE_FILE).read_text())
     objective = space["objectives"][0]
     df = final_rows(read_results(search_dir))

@@ -124,6 +124,7 @@ class MLflowSearchCallback(Callback):
         # Grids at the first, middle and last epoch (plus the final one of a stopped trial).
         self.grid_epochs = {1, max(1, max_epochs // 2), max_epochs} if grid_epochs else set()
         self.parent_id: str | None = None
+        self.experiment_id: str | None = None
         self.children: dict[str, str] = {}
         self.last_ckpt: dict[str, tuple[int, str | None]] = {}  # trial id -> (epoch, checkpoint dir)
         self.disabled = False
@@ -174,9 +175,10 @@ class MLflowSearchCallback(Callback):
             state = json.loads(state_file.read_text())
             if state.get("tracking_uri") == self.uri and state.get("parent_run_id"):
                 self.parent_id, self.children = state["parent_run_id"], state.get("children", {})
+                self.experiment_id = self.client.get_run(self.parent_id).info.experiment_id
                 self.client.update_run(self.parent_id, status="RUNNING")
                 return
-        exp_id = self._experiment_id()
+        exp_id = self.experiment_id = self._experiment_id()
         tags = {"mae_search.search": self.space.name, "mae_search.command": shlex.join(sys.argv),
                 "mlflow.source.git.commit": _git_commit(), "mae_search.kind": "search", **_versions()}
         run = self.client.create_run(exp_id, run_name=self.space.name, tags=tags)
@@ -208,10 +210,9 @@ class MLflowSearchCallback(Callback):
         config = dict(trial.config)
         seed = int(config.pop("seed", 0))
         cfg = self.space.trial_config(config, seed)
-        exp_id = self.client.get_run(self.parent_id).info.experiment_id
         tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,
                 "mae_search.trial_id": trial.trial_id, "mae_search.seed": str(seed), TAG_STATUS: "running"}
-        run = self.client.create_run(exp_id, run_name=trial.trial_id, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
         run_id = run.info.run_id
         self.children[trial.trial_id] = run_id
         self._log_params(run_id, flatten_config(cfg))
@@ -234,13 +235,12 @@ class MLflowSearchCallback(Callback):
     def _log_result(self, trial: Any, result: dict) -> None:
         from mlflow.entities import Metric
 
+        from mae_search.results import reported_metrics
+
         run_id = self._child(trial)
         epoch = int(result.get("epoch", result["training_iteration"]))
         now = int(time.time() * 1000)
-        skip = {"epoch", "training_iteration", "timestamp", "pid", "done", "time_this_iter_s", "time_total_s",
-                "time_since_restore", "iterations_since_restore"}
-        metrics = [Metric(k, float(v), now, epoch) for k, v in result.items()
-                   if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)]
+        metrics = [Metric(k, float(v), now, epoch) for k, v in reported_metrics(result).items()]
         metrics.append(Metric("trial_time_s", float(result.get("time_total_s", 0.0)), now, epoch))
         self.client.log_batch(run_id, metrics=metrics)
         ckpt = result.get("checkpoint_path")
