@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,25 +53,49 @@ def throughput(step: Callable[[], None], images_per_step: int, device: torch.dev
     return images_per_step / times[len(times) // 2]
 
 
-def interleaved_throughput(steps: dict[str, Callable[[], None]], images_per_step: int, device: torch.device,
-                           warmup: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Images/s of several step functions timed in turn (A B C A B C ...), median per function.
+@dataclass
+class SideBySide:
+    """Per-round step times of several variants timed in the same rounds."""
+
+    images_per_step: int
+    times: dict[str, list[float]]
+
+    def images_per_s(self, name: str) -> float:
+        return self.images_per_step / statistics.median(self.times[name])
+
+    def ratio(self, name: str, baseline: str) -> tuple[float, float, float]:
+        """Speed of ``name`` relative to ``baseline``: median, 25th and 75th percentile of per-round ratios.
+
+        Each round times every variant once, so a ratio within a round compares
+        steps run seconds apart; machine load that drifts over the run cancels.
+        """
+        ratios = sorted(b / a for a, b in zip(self.times[name], self.times[baseline], strict=True))
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        return median, q1, q3
+
+
+def side_by_side(steps: dict[str, Callable[[], None]], images_per_step: int, device: torch.device,
+                 warmup: int = 3, rounds: int = 10, seed: int = 0) -> SideBySide:
+    """Time several step functions in rounds, each round running every one once in a fresh random order.
 
     Interleaving makes the comparison side by side: a change in machine load
-    during the run hits every variant alike instead of whichever ran then.
+    hits every variant alike instead of whichever ran then; shuffling the order
+    keeps any "runs after X" effect from favouring one variant.
     """
     for step in steps.values():
         for _ in range(warmup):
             step()
     sync(device)
+    order, rng = list(steps), random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            step()
+            steps[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: images_per_step / sorted(t)[len(t) // 2] for name, t in times.items()}
+    return SideBySide(images_per_step, times)
 
 
 def write_section(name: str, body: str) -> None:

@@ -36,8 +36,25 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> 
     return emb
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cpu_sdpa_min_tokens: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, head_dim) tensors, by the fastest kernel for the device.
+
+    On GPUs ``F.scaled_dot_product_attention`` (flash / memory-efficient) always
+    wins. PyTorch's fused CPU kernel is tuned for long sequences: below about
+    160 tokens (the tiny presets: 17 encoder, 65 decoder tokens) a plain
+    softmax(QK^T)V trains faster, above it SDPA does
+    (``python -m benchmarks.trainer_throughput``, "attention kernel on CPU").
+    """
+    if q.device.type == "cpu" and q.shape[-2] < cpu_sdpa_min_tokens:
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash/mem-efficient)."""
+    """Multi-head self-attention; see ``attention`` for the kernel choice."""
+
+    # Shortest sequence for which the CPU uses SDPA; 0 = SDPA always (benchmarks compare both).
+    cpu_sdpa_min_tokens: int = 160
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -48,7 +65,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = attention(qkv[0], qkv[1], qkv[2], self.cpu_sdpa_min_tokens)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 

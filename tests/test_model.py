@@ -1,7 +1,7 @@
 import torch
 
 from mae_search.config import PRESETS, ModelConfig, model_preset
-from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
+from mae_search.model import Attention, MaskedAutoencoderViT, attention, encoder_state_dict
 
 
 def test_encoder_sees_only_visible_tokens_plus_cls():
@@ -47,3 +47,32 @@ def test_encoder_state_dict_has_no_decoder():
     keys = encoder_state_dict(model)
     assert keys and not any(k.startswith("decoder") or k == "mask_token" for k in keys)
     assert "cls_token" in keys and "blocks.0.attn.qkv.weight" in keys
+
+
+def test_attention_kernel_choice_on_cpu_gives_sdpa_results(monkeypatch):
+    """Short CPU sequences take the plain softmax path, long ones SDPA; both match SDPA, forward and backward."""
+    import mae_search.model as model_module
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v):
+        calls.append(q.shape[-2])
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    threshold = Attention.cpu_sdpa_min_tokens
+    for n in (17, threshold - 1, threshold):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for _ in range(3))
+        out = attention(q, k, v, threshold)
+        expected_q, expected_k, expected_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        expected = sdpa(expected_q, expected_k, expected_v)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for got, want in ((q, expected_q), (k, expected_k), (v, expected_v)):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+    assert calls == [threshold]  # only the sequence at the threshold went through the spy
+    attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), cpu_sdpa_min_tokens=0)
+    assert calls == [threshold, 4]  # 0 = SDPA at every length

@@ -23,6 +23,14 @@ def test_no_weight_decay_on_norms_biases_tokens(micro_cfg):
     assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= skipped
 
 
+def test_optimizer_is_fused_adamw_with_paper_betas(micro_cfg):
+    """Fused AdamW on CPU too: one kernel for all parameters, not a Python loop over them."""
+    optimizer = Trainer(micro_cfg).optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
 def test_effective_lr_scales_with_batch(micro_cfg):
     t = Trainer(micro_cfg.with_overrides({"optim.accum_iter": 2}))
     assert t.base_lr == pytest.approx(5e-3 * 32 * 2 / 256)

@@ -1,0 +1,51 @@
+"""The benchmark harness: paired timing and the RESULTS.md sections the scripts rewrite."""
+
+import time
+
+import torch
+
+from benchmarks import common
+from benchmarks.trainer_throughput import ATTENTION_LENGTHS, SymmetricMAE, attention_kernels_cpu, make_trainer
+from mae_search.config import ModelConfig
+from mae_search.model import Attention
+
+
+def test_side_by_side_ratio_is_paired_per_round():
+    timed = common.side_by_side({"fast": lambda: time.sleep(0.01), "slow": lambda: time.sleep(0.03)}, 4,
+                                torch.device("cpu"), warmup=1, rounds=6)
+    assert all(len(t) == 6 for t in timed.times.values())
+    ratio, q1, q3 = timed.ratio("fast", "slow")
+    assert 2.0 < q1 <= ratio <= q3 < 3.5
+    assert 100 < timed.images_per_s("fast") < 400  # 4 images per ~10 ms step
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    common.write_section("a", "first A")
+    common.write_section("b", "only B")
+    common.write_section("a", "second A")
+    text = common.RESULTS.read_text()
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.index("<!-- a:begin -->") < text.index("<!-- b:begin -->")
+
+
+def test_benchmark_variants_train_and_override_the_attention_kernel():
+    cfg = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    forced = make_trainer(cfg, 4, "cpu", cpu_sdpa_min_tokens=0)
+    assert {m.cpu_sdpa_min_tokens for m in forced.model.modules() if isinstance(m, Attention)} == {0}
+    symmetric = make_trainer(cfg, 4, "cpu", model_cls=SymmetricMAE)
+    seen = []
+    symmetric.model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    before = [p.detach().clone() for p in symmetric.model.parameters()]
+    symmetric.train_step(torch.randn(4, 3, 16, 16), 0.75, measure=True, update=True)
+    assert seen == [1 + 16]  # all tokens through the encoder
+    assert any(not torch.equal(a, p) for a, p in zip(before, symmetric.model.parameters(), strict=True))
+
+
+def test_attention_kernel_table_has_a_row_per_geometry():
+    lines = attention_kernels_cpu(rounds=2, tokens_per_batch=512)
+    assert lines[0].count("tokens") == len(ATTENTION_LENGTHS)
+    for row in lines[2:]:
+        speeds = [float(cell) for cell in row.strip("|").split("|")[1:]]
+        assert len(speeds) == len(ATTENTION_LENGTHS) and all(s > 0 for s in speeds)
