@@ -9,6 +9,7 @@ classic per-sample DataLoader the bottleneck.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from dataclasses import dataclass
@@ -247,49 +248,62 @@ MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])
 
 
+@functools.cache
+def _mean_std(device: torch.device, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation constants, copied to each device once (a host-to-device copy per batch would sync)."""
+    if channels == 3:
+        return MEAN.to(device).view(1, 3, 1, 1), STD.to(device).view(1, 3, 1, 1)
+    return torch.full((1, channels, 1, 1), 0.5, device=device), torch.full((1, channels, 1, 1), 0.25, device=device)
+
+
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised with ImageNet statistics."""
-    c = images_u8.shape[1]
-    mean = MEAN[:c].to(images_u8.device).view(1, c, 1, 1) if c == 3 else 0.5
-    std = STD[:c].to(images_u8.device).view(1, c, 1, 1) if c == 3 else 0.25
+    mean, std = _mean_std(images_u8.device, images_u8.shape[1])
     return (images_u8.float() / 255.0 - mean) / std
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize`, back to [0, 1] floats (not clamped)."""
-    c = images.shape[1]
-    mean = MEAN[:c].to(images.device).view(1, c, 1, 1) if c == 3 else 0.5
-    std = STD[:c].to(images.device).view(1, c, 1, 1) if c == 3 else 0.25
+    mean, std = _mean_std(images.device, images.shape[1])
     return images * std + mean
+
+
+def draw_crop_flip(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random numbers of ``n`` crops and flips, (n, 5) uniforms on the CPU.
+
+    The trainer draws a whole epoch's at once and copies them to the device in
+    one transfer, so no training step waits on a host-to-device copy.
+    """
+    return torch.rand(n, 5, generator=generator)
+
+
+def crop_flip(
+    images: torch.Tensor, uniforms: torch.Tensor, scale: tuple[float, float], hflip: bool
+) -> torch.Tensor:
+    """Batched RandomResizedCrop (ratio 3/4..4/3) + horizontal flip via one affine ``grid_sample``.
+
+    Works on float images of any batch size on any device; sample i's crop box
+    and flip come from ``uniforms[i]`` (see :func:`draw_crop_flip`), on the images' device.
+    """
+    area = scale[0] + (scale[1] - scale[0]) * uniforms[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * uniforms[:, 1])
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (uniforms[:, 2] * 2 - 1) * (1 - w)
+    cy = (uniforms[:, 3] * 2 - 1) * (1 - h)
+    flip = torch.where(uniforms[:, 4] < 0.5, -1.0, 1.0) if hflip else torch.ones_like(w)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([w * flip, zero, cx, zero, h, cy], dim=1).view(-1, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def random_resized_crop_flip(
     images: torch.Tensor, scale: tuple[float, float], hflip: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Batched RandomResizedCrop (ratio 3/4..4/3) + horizontal flip via one affine ``grid_sample``.
-
-    Works on float images of any batch size on any device; each sample gets its
-    own crop box, drawn from ``generator`` so an epoch is reproducible.
-    """
-    b = images.shape[0]
-    dev = images.device
-    rand = torch.rand(b, 4, generator=generator, device="cpu").to(dev)
-    area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
-    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (rand[:, 2] * 2 - 1) * (1 - w)
-    cy = (rand[:, 3] * 2 - 1) * (1 - h)
-    flip = torch.ones(b, device=dev)
-    if hflip:
-        flip = torch.where(torch.rand(b, generator=generator).to(dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    """:func:`crop_flip` with fresh random numbers from ``generator`` (reproducible per generator state)."""
+    uniforms = draw_crop_flip(images.shape[0], generator).to(images.device)
+    return crop_flip(images, uniforms, scale, hflip)
 
 
 def epoch_batches(

@@ -64,8 +64,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = attention(qkv[0], qkv[1], qkv[2], self.cpu_sdpa_min_tokens)
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one op
+        # instead of zero-filling a full-size qkv gradient per slice and summing them.
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = attention(q, k, v, self.cpu_sdpa_min_tokens)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mae_search.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.config import TrainConfig
-from mae_search.data import DataSplits, epoch_batches, load_data, normalize, random_resized_crop_flip
+from mae_search.data import DataSplits, crop_flip, draw_crop_flip, epoch_batches, load_data, normalize
 from mae_search.evaluate import evaluate, reconstruct, save_reconstruction_grid
 from mae_search.losses import mae_loss
 from mae_search.masking import scheduled_mask_ratio
@@ -151,27 +151,39 @@ class Trainer:
         return torch.stack([terms.total.detach(), terms.mse.detach(),
                             nan if terms.freq is None else terms.freq, nan if terms.unif is None else terms.unif])
 
+    def epoch_inputs(self, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (image indices, crop/flip uniforms) per step of the epoch, already on the device.
+
+        Both are drawn on the CPU from ``gen`` and copied in one transfer each:
+        a host-to-device copy inside the step would make the host wait for the
+        device every step instead of queueing the next step's work.
+        """
+        cfg = self.cfg
+        batches = epoch_batches(len(self.data.pretrain), cfg.batch_size, gen, self.rank, self.world_size)
+        order = torch.cat(batches[: self.steps_per_epoch * cfg.optim.accum_iter])
+        uniforms = draw_crop_flip(len(order), gen)
+        return list(zip(order.to(self.device).split(cfg.batch_size), uniforms.to(self.device).split(cfg.batch_size),
+                        strict=True))
+
     def train_one_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         self.train_model.train()
         torch.manual_seed(cfg.seed * 100_003 + self.epoch * 1_009 + self.rank)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
-        batches = epoch_batches(len(self.data.pretrain), cfg.batch_size, gen, self.rank, self.world_size)
-        batches = batches[: self.steps_per_epoch * cfg.optim.accum_iter]
+        batches = self.epoch_inputs(gen)
         total_steps = cfg.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         per_step = []
         ratio_sum = 0.0
         start = time.perf_counter()
-        for i, idx in enumerate(batches):
+        for i, (idx, uniforms) in enumerate(batches):
             ratio = self.mask_ratio_at(self.epoch + i / len(batches))
             ratio_sum += ratio
             if i % cfg.optim.accum_iter == 0:
                 lr = lr_at(self.step, self.base_lr, warmup, total_steps, cfg.optim.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            imgs = normalize(self.data.pretrain.images[idx.to(self.device)])
-            imgs = random_resized_crop_flip(imgs, cfg.data.crop_scale, cfg.data.hflip, gen)
+            imgs = crop_flip(normalize(self.data.pretrain.images[idx]), uniforms, cfg.data.crop_scale, cfg.data.hflip)
             update = (i + 1) % cfg.optim.accum_iter == 0
             if update:
                 self.step_log.append({"step": self.step, "epoch": self.epoch + i / len(batches),

@@ -7,6 +7,7 @@ import torch
 from mae_search.config import DataConfig, ModelConfig
 from mae_search.data import (
     DataError,
+    crop_flip,
     epoch_batches,
     load_cifar10,
     load_data,
@@ -77,6 +78,20 @@ def test_batched_augmentation_shapes_and_identity_crop():
     same = random_resized_crop_flip(imgs, (1.0, 1.0), False, torch.Generator().manual_seed(0))
     mse = ((same - imgs) ** 2).mean()
     assert mse < ((out - imgs) ** 2).mean()
+
+
+def test_crop_flip_uniforms_set_box_and_flip():
+    """Uniforms (area, aspect, x, y, flip): a full, square, centred box is the identity, or the mirror image."""
+    imgs = torch.rand(2, 3, 16, 16)
+    centred = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.9], [0.0, 0.5, 0.5, 0.5, 0.1]])
+    out = crop_flip(imgs, centred, (1.0, 1.0), hflip=True)
+    torch.testing.assert_close(out[0], imgs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], imgs[1].flip(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(crop_flip(imgs, centred, (1.0, 1.0), hflip=False), imgs, rtol=1e-5, atol=1e-5)
+    # A quarter-area box in the top-left corner magnifies that corner.
+    corner = crop_flip(imgs, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.9]] * 2), (0.25, 0.25), hflip=True)
+    up = torch.nn.functional.interpolate(imgs[:, :, :8, :8], size=16, mode="bilinear", align_corners=False)
+    assert ((corner - up) ** 2).mean() < 0.1 * ((corner - imgs) ** 2).mean()
 
 
 def test_epoch_batches_shard_disjointly():

@@ -4,6 +4,7 @@ import torch
 from mae_search.checkpoint import CheckpointError
 from mae_search.config import ConfigError, TrainConfig
 from mae_search.train import Trainer, lr_at, param_groups
+from tests.conftest import micro_config
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -118,3 +119,23 @@ def test_tiny_model_learns_and_beats_random_init_probe():
     assert history[-1]["linear_probe_acc"] > random_init["linear_probe_acc"] + 0.05
     assert history[-1]["knn_acc"] > random_init["knn_acc"]
     assert history[-1]["psnr"] > random_init["psnr"] + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")
+def test_training_steps_do_not_wait_for_the_gpu():
+    """The host syncs of an epoch (its input copies, reading the losses back) must not grow with its steps."""
+    import warnings
+
+    def syncs_in_one_epoch(num_train: int) -> int:
+        trainer = Trainer(micro_config(device="cuda", **{"data.num_train": num_train}))
+        trainer.train_one_epoch()  # first epoch: allocations, cuDNN/cuBLAS set-up
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.train_one_epoch()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs_in_one_epoch(64) == syncs_in_one_epoch(256)  # 2 vs 8 steps
