@@ -13,13 +13,15 @@ the encoder, the design MAE's asymmetric encoder avoids (~3x in the paper).
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from benchmarks.common import machine, side_by_side, throughput, write_section
 from mae_search.config import LossConfig, TrainConfig, model_preset
-from mae_search.data import normalize, random_resized_crop_flip, synthetic_shapes
+from mae_search.data import crop_flip, draw_crop_flip, normalize, synthetic_shapes
 from mae_search.losses import mae_loss, masked_mse, patch_targets
 from mae_search.masking import random_masking
 from mae_search.model import Attention, MaskedAutoencoderViT
@@ -80,14 +82,26 @@ class SymmetricMAE(MaskedAutoencoderViT):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
 
+def augmented_batches(imgs_u8: torch.Tensor, count: int = 16) -> Iterator[torch.Tensor]:
+    """The same augmented batches for every variant, endlessly, from crop/flip numbers already on the device.
+
+    Drawing them per step would add a host-to-device copy (a sync on a GPU)
+    to every variant's step; the trainer itself copies an epoch's worth at once.
+    """
+    gen = torch.Generator().manual_seed(0)
+    uniforms = draw_crop_flip(count * len(imgs_u8), gen).to(imgs_u8.device).split(len(imgs_u8))
+    for u in itertools.cycle(uniforms):
+        yield crop_flip(normalize(imgs_u8), u, (0.2, 1.0), True)
+
+
 def reference_step(model, imgs_u8, device, *, amp: bool = False):
     """One training step as the official code writes it: MSE-only loss, non-fused AdamW, loss.item() each step."""
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
+    batches = augmented_batches(imgs_u8)
     p = model.cfg.patch_size
 
     def step():
-        imgs = random_resized_crop_flip(normalize(imgs_u8), (0.2, 1.0), True, gen)
+        imgs = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(imgs, 0.75)
         target = patch_targets(imgs, p, norm_pix=True)
@@ -103,12 +117,11 @@ def reference_step(model, imgs_u8, device, *, amp: bool = False):
 
 def trainer_step(trainer: Trainer, imgs_u8):
     """The real mae_search step (Trainer.train_step) on the same augmented batches."""
-    gen = torch.Generator().manual_seed(0)
-    count = iter(range(10**9))
+    batches = augmented_batches(imgs_u8)
+    count = itertools.count()
 
     def step():
-        imgs = random_resized_crop_flip(normalize(imgs_u8), (0.2, 1.0), True, gen)
-        trainer.train_step(imgs, 0.75, measure=next(count) % MEASURE_EVERY == 0, update=True)
+        trainer.train_step(next(batches), 0.75, measure=next(count) % MEASURE_EVERY == 0, update=True)
 
     return step
 
@@ -222,42 +235,57 @@ def run_cpu(batch: int, rounds: int) -> str:
     ])
 
 
-def run_gpu(batch: int, repeats: int) -> str:
-    device = torch.device("cuda")
-    cfg = model_preset("vit-b16")
-    imgs = synthetic_shapes(batch, 224, seed=0).images.to(device)
-    name = torch.cuda.get_device_name(0)
+def run_gpu(batch: int, rounds: int, *, device: str = "cuda", preset: str = "vit-b16",
+            with_compile: bool = True) -> str:
+    """Reference vs mae_search (bf16, SDPA, fused AdamW), compile on/off, symmetric, with peak memory and MFU.
+
+    ``device`` and ``preset`` exist so the code path can be exercised on a CPU
+    with a small model (tests); the numbers it is for come from a GPU.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    cfg = model_preset(preset)
+    imgs = synthetic_shapes(batch, cfg.img_size, seed=0).images.to(dev)
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
     rows, ips = [], {}
 
     def measure(label, make):
         torch.manual_seed(0)
         model, step = make()
-        flops = train_flops(model, imgs, device)
-        torch.cuda.reset_peak_memory_stats()
-        ips[label] = throughput(step, batch, device, warmup=5, repeats=repeats)
-        mem = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(f"| {label} | {ips[label]:.0f} | {mem:.1f} | {flops / batch / 1e9:.1f} | "
+        flops = train_flops(model, imgs, dev)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ips[label] = throughput(step, batch, dev, warmup=5, repeats=rounds)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        rows.append(f"| {label} | {ips[label]:.0f} | {mem:.1f} | {flops / batch / 1e9:.3g} | "
                     f"{100 * flops * ips[label] / batch / peak:.1f} |")
-        torch.cuda.empty_cache()
+        del model, step
+        if cuda:
+            torch.cuda.empty_cache()
 
     def ref():
-        model = baseline_model(cfg).to(device)
-        return model, reference_step(model, imgs, device, amp=False)
+        model = baseline_model(cfg).to(dev)
+        return model, reference_step(model, imgs, dev, amp=False)
 
     def ours(compile_=False, model_cls=None):
-        trainer = make_trainer(cfg, batch, "cuda", compile_=compile_, model_cls=model_cls)
+        trainer = make_trainer(cfg, batch, device, compile_=compile_, model_cls=model_cls)
         return trainer.model, trainer_step(trainer, imgs)
 
     measure("reference-style: fp32, explicit attention, .item()/step", ref)
     measure("mae_search: bf16 + SDPA + fused AdamW", ours)
-    measure("mae_search + torch.compile", lambda: ours(compile_=True))
+    if with_compile:
+        measure("mae_search + torch.compile", lambda: ours(compile_=True))
     measure("symmetric design (encoder on all tokens)", lambda: ours(model_cls=SymmetricMAE))
-    base, mine, comp, sym = ips.values()
+    base, mine, sym = (ips[k] for k in ips if "compile" not in k)
+    compiled = next((v for k, v in ips.items() if "compile" in k), None)
+    compile_note = "" if compiled is None else (
+        f" (compiled {compiled / base:.2f}x); compile on vs off {compiled / mine:.2f}x")
     return "\n".join([
-        "## Trainer throughput (GPU, ViT-B/16 at 224 px)",
+        f"## Trainer throughput ({'GPU' if cuda else device}, {preset} at {cfg.img_size} px)",
         "",
-        f"Machine: {machine()}. ViT-B/16 encoder, 512 x 8 decoder, batch {batch}, mask 0.75, one run of "
+        f"Machine: {machine()}. Encoder {cfg.embed_dim} x {cfg.depth}, decoder {cfg.decoder_embed_dim} x "
+        f"{cfg.decoder_depth}, batch {batch}, mask 0.75, median of {rounds} steps per variant, one run of "
         "`python -m benchmarks.trainer_throughput --gpu`. MFU = counted train-step FLOPs x img/s / "
         f"dense bf16 peak ({peak / 1e12:.0f} TFLOP/s).",
         "",
@@ -265,8 +293,8 @@ def run_gpu(batch: int, repeats: int) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"Ratios: mae_search vs reference **{mine / base:.2f}x** (compiled {comp / base:.2f}x); compile on vs off "
-        f"{comp / mine:.2f}x; asymmetric vs symmetric encoder **{mine / sym:.2f}x**.",
+        f"Ratios: mae_search vs reference **{mine / base:.2f}x**{compile_note}; asymmetric vs symmetric "
+        f"encoder **{mine / sym:.2f}x**.",
     ])
 
 

@@ -49,3 +49,18 @@ def test_attention_kernel_table_has_a_row_per_geometry():
     for row in lines[2:]:
         speeds = [float(cell) for cell in row.strip("|").split("|")[1:]]
         assert len(speeds) == len(ATTENTION_LENGTHS) and all(s > 0 for s in speeds)
+
+
+def test_gpu_benchmark_path_runs_with_a_small_model_on_cpu():
+    """The --gpu code path (FLOP counting, per-variant table, ratios), exercised on CPU with the tiny preset."""
+    from benchmarks.trainer_throughput import run_gpu
+
+    text = run_gpu(4, 2, device="cpu", preset="tiny", with_compile=False)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")}
+    assert len(rows) == 3
+    gflop = {label.split(":")[0].split(" (")[0]: float(cells[2]) for label, cells in rows.items()}
+    ours, symmetric = gflop["mae_search"], gflop["symmetric design"]
+    assert 0 < ours < symmetric  # the encoder on all tokens costs more FLOPs per image
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    assert "asymmetric vs symmetric encoder" in text
