@@ -250,16 +250,16 @@ def run_gpu(batch: int, rounds: int, *, device: str = "cuda", preset: str = "vit
     peak = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
     rows, ips = [], {}
 
-    def measure(label, make):
+    def measure(key, label, make):
         torch.manual_seed(0)
         model, step = make()
         flops = train_flops(model, imgs, dev)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        ips[label] = throughput(step, batch, dev, warmup=5, repeats=rounds)
+        ips[key] = throughput(step, batch, dev, warmup=5, repeats=rounds)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        rows.append(f"| {label} | {ips[label]:.0f} | {mem:.1f} | {flops / batch / 1e9:.3g} | "
-                    f"{100 * flops * ips[label] / batch / peak:.1f} |")
+        rows.append(f"| {label} | {ips[key]:.0f} | {mem:.1f} | {flops / batch / 1e9:.3g} | "
+                    f"{100 * flops * ips[key] / batch / peak:.1f} |")
         del model, step
         if cuda:
             torch.cuda.empty_cache()
@@ -272,15 +272,14 @@ def run_gpu(batch: int, rounds: int, *, device: str = "cuda", preset: str = "vit
         trainer = make_trainer(cfg, batch, device, compile_=compile_, model_cls=model_cls)
         return trainer.model, trainer_step(trainer, imgs)
 
-    measure("reference-style: fp32, explicit attention, .item()/step", ref)
-    measure("mae_search: bf16 + SDPA + fused AdamW", ours)
+    measure("base", "reference-style: fp32, explicit attention, .item()/step", ref)
+    measure("ours", "mae_search: bf16 + SDPA + fused AdamW", ours)
     if with_compile:
-        measure("mae_search + torch.compile", lambda: ours(compile_=True))
-    measure("symmetric design (encoder on all tokens)", lambda: ours(model_cls=SymmetricMAE))
-    base, mine, sym = (ips[k] for k in ips if "compile" not in k)
-    compiled = next((v for k, v in ips.items() if "compile" in k), None)
-    compile_note = "" if compiled is None else (
-        f" (compiled {compiled / base:.2f}x); compile on vs off {compiled / mine:.2f}x")
+        measure("compiled", "mae_search + torch.compile", lambda: ours(compile_=True))
+    measure("sym", "symmetric design (encoder on all tokens)", lambda: ours(model_cls=SymmetricMAE))
+    base, mine, sym = ips["base"], ips["ours"], ips["sym"]
+    compile_note = "" if "compiled" not in ips else (
+        f" (compiled {ips['compiled'] / base:.2f}x); compile on vs off {ips['compiled'] / mine:.2f}x")
     return "\n".join([
         f"## Trainer throughput ({'GPU' if cuda else device}, {preset} at {cfg.img_size} px)",
         "",
