@@ -28,7 +28,8 @@ from mae_search.train import Trainer
 
 SPACE = {
     "base": {"epochs": 4, "batch_size": 128, "optim": {"warmup_epochs": 1},
-             "data": {"num_train": 1024, "num_test": 256}, "eval": {"probe_epochs": 10}},
+             "data": {"num_train": 1024, "num_test": 256},
+             "eval": {"probe": {"epochs": 10}, "finetune": {"at": "never"}}},
     "dimensions": {"optim.blr": {"loguniform": [1.0e-5, 2.0e-2]}, "masking.mask_ratio": {"uniform": [0.5, 0.9]}},
     "initial_points": [{"optim.blr": 5.0e-3, "masking.mask_ratio": 0.75},
                        {"optim.blr": 2.0e-5, "masking.mask_ratio": 0.75}],

@@ -43,6 +43,9 @@ class ModelConfig(_Strict):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for key in ("embed_dim", "decoder_embed_dim"):
+            if getattr(self, key) % 4:
+                raise ValueError(f"{key} {getattr(self, key)} is not divisible by 4 (2D sin-cos position embeddings)")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
@@ -88,8 +91,11 @@ class DataConfig(_Strict):
 
     dataset: Literal["synthetic_shapes", "cifar10", "stl10", "imagefolder"] = "synthetic_shapes"
     path: str | None = None
-    num_train: int = Field(4000, ge=16, description="synthetic_shapes only")
+    num_train: int = Field(8000, ge=16, description="synthetic_shapes only")
     num_test: int = Field(1000, ge=16, description="synthetic_shapes only")
+    num_labelled: int | None = Field(
+        None, ge=10, description="labelled training images for probe, k-NN and fine-tuning (a fixed subset; None: all)"
+    )
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
 
@@ -103,14 +109,68 @@ class DataConfig(_Strict):
         return self
 
 
+When = Literal["never", "end", "every_eval"]
+
+
+class FinetuneConfig(_Strict):
+    """Supervised fine-tuning of the pre-trained encoder (the paper's main metric; main_finetune.py's recipe).
+
+    AdamW with layer-wise lr decay, warm-up then cosine, label smoothing, drop
+    path, gradient clipping, global-average-pooled features into a linear head;
+    mixup/cutmix optional. ``blocks``: train only the last k blocks (+ head),
+    the paper's partial fine-tuning (Fig. 9); None trains every block.
+    """
+
+    at: When = "end"
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=2, description="per worker")
+    blr: float = Field(2e-3, gt=0.0, description="lr = blr * effective_batch / 256")
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    clip_grad: float | None = Field(5.0, gt=0.0)
+    mixup: float = Field(0.0, ge=0.0, description="mixup alpha; 0 disables (the paper uses 0.8 at ImageNet scale)")
+    cutmix: float = Field(0.0, ge=0.0, description="cutmix alpha; 0 disables (the paper uses 1.0)")
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    blocks: int | None = Field(None, ge=0, description="train only the last k blocks; None: all (full fine-tuning)")
+
+
+def _partial_finetune_default() -> FinetuneConfig:
+    return FinetuneConfig(at="never", blocks=1, epochs=10, drop_path=0.0)
+
+
+class ProbeConfig(_Strict):
+    """Linear probe as the paper: frozen CLS token, BatchNorm without affine (eps 1e-6), linear head."""
+
+    epochs: int = Field(50, ge=1)
+    pool: Literal["cls", "mean"] = "cls"
+    lr: float = Field(0.1, gt=0.0, description="SGD (momentum 0.9), cosine schedule, batch 256")
+
+
 class EvalConfig(_Strict):
-    """Evaluation cadence and protocol. Probing is cheap on small data, so it runs every epoch."""
+    """Evaluation cadence and protocol (README, "Evaluation", says what each metric does)."""
 
     every_epochs: int = Field(1, ge=1)
-    probe_epochs: int = Field(30, ge=1)
-    probe_pool: Literal["cls", "mean"] = "mean"
+    probe: ProbeConfig = ProbeConfig()
     knn_k: int = Field(20, ge=1)
+    finetune: FinetuneConfig = FinetuneConfig()
+    partial_finetune: FinetuneConfig = Field(default_factory=_partial_finetune_default)
     grid_images: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> EvalConfig:
+        for key in ("finetune", "partial_finetune"):
+            ft: FinetuneConfig = getattr(self, key)
+            lo, hi = ft.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{key}.crop_scale must satisfy 0 < low <= high <= 1, got {ft.crop_scale}")
+            if (ft.mixup > 0 or ft.cutmix > 0) and ft.batch_size % 2:
+                raise ValueError(f"{key}.batch_size must be even with mixup/cutmix")
+        if self.partial_finetune.blocks is None:
+            raise ValueError("partial_finetune.blocks must name how many last blocks to train")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -128,6 +188,13 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast; only takes effect on a GPU")
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _check_partial_blocks(self) -> TrainConfig:
+        blocks = self.eval.partial_finetune.blocks
+        if blocks is not None and blocks > self.model.depth:
+            raise ValueError(f"eval.partial_finetune.blocks {blocks} exceeds model.depth {self.model.depth}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:

@@ -88,31 +88,28 @@ def _shape_masks(kind: np.ndarray, cx, cy, r, angle, size: int) -> np.ndarray:
 def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> ImageSet:
     """A labelled 10-class shapes set, generated deterministically from ``seed``.
 
-    Class = shape; colour, position, size, rotation, background gradient and
-    noise are nuisance factors, so the label is only recoverable from shape --
-    what a useful representation must capture. Needs no download.
+    Class = shape; colour, position, size, a small rotation and pixel noise are
+    nuisances, so the label is only recoverable from shape -- what a useful
+    representation must capture, and what neither raw pixels (colour and
+    position vary) nor a random encoder gives. Shapes are large (radius 28-42 %
+    of the image) on a flat background, so a tiny MAE learns them in about a
+    minute of CPU: the trained rows beat both reference rows (see
+    ``reports/``). Needs no download.
     """
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(SHAPE_CLASSES)
     rng.shuffle(labels)
-    r = rng.uniform(0.22, 0.4, n).astype(np.float32) * size
+    r = rng.uniform(0.28, 0.42, n).astype(np.float32) * size
     cx = rng.uniform(r, size - r).astype(np.float32)
     cy = rng.uniform(r, size - r).astype(np.float32)
     # Small tilts only: a square turned 45 degrees would be a diamond, a plus an x-cross.
     angle = rng.uniform(-np.pi / 10, np.pi / 10, n).astype(np.float32)
     fg_mask = _shape_masks(labels, cx, cy, r, angle, size)
-
     fg = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
-    bg_a = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
-    bg_b = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
-    ramp = np.linspace(0, 1, size, dtype=np.float32)
-    direction = rng.integers(0, 2, n)
-    grad = np.where(direction[:, None, None] == 0, ramp[None, None, :], ramp[None, :, None])[:, None]
-    bg = bg_a + (bg_b - bg_a) * grad
-    # Keep the shape visible: push the foreground away from the local background.
-    fg = np.where(np.abs(fg - bg.mean(axis=(2, 3), keepdims=True)) < 0.3, 1.0 - fg, fg)
-    img = np.where(fg_mask[:, None], fg, bg)
-    img = img + rng.normal(0, 0.04, img.shape).astype(np.float32)
+    bg = rng.uniform(0.0, 1.0, (n, 3, 1, 1)).astype(np.float32)
+    # Keep the shape visible: a foreground too close to the background becomes its complement.
+    fg = np.where(np.abs(fg - bg).sum(axis=1, keepdims=True) < 0.6, 1.0 - bg, fg)
+    img = np.where(fg_mask[:, None], fg, bg) + rng.normal(0, 0.03, (n, 3, size, size)).astype(np.float32)
     images = torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
     return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), SHAPE_CLASSES)
 
@@ -225,8 +222,16 @@ def _resize(images: ImageSet, size: int) -> ImageSet:
 
 
 def load_data(cfg: DataConfig, model: ModelConfig, seed: int = 0) -> DataSplits:
-    """Load the configured data set at the model's image size."""
-    size = model.img_size
+    """Load the configured data set at the model's image size; the labelled split cut to ``num_labelled``."""
+    splits = _load_splits(cfg, model.img_size, seed)
+    if cfg.num_labelled is not None and cfg.num_labelled < len(splits.train):
+        # A fixed subset: the first images (every loader keeps a fixed order), the same for every trial of a seed.
+        t = splits.train
+        splits.train = ImageSet(t.images[: cfg.num_labelled], t.labels[: cfg.num_labelled], t.classes)
+    return splits
+
+
+def _load_splits(cfg: DataConfig, size: int, seed: int) -> DataSplits:
     if cfg.dataset == "synthetic_shapes":
         train = synthetic_shapes(cfg.num_train, size, seed=10_000 + seed)
         test = synthetic_shapes(cfg.num_test, size, seed=20_000 + seed)

@@ -1,34 +1,49 @@
-"""Representation and reconstruction metrics for a (partly) trained MAE.
+"""Representation and reconstruction metrics for a (partly) trained MAE, and the reference rows.
 
-* linear probe: frozen encoder, features extracted once, BatchNorm (no affine)
-  + linear head as in the paper's protocol, trained with SGD on the labelled split;
+* linear probe, as the paper (main_linprobe.py): frozen encoder, the CLS token
+  after the encoder's final norm, BatchNorm1d without affine (eps 1e-6) then a
+  linear head, trained with SGD on the labelled split;
 * k-NN: cosine-similarity weighted vote (k=20, T=0.07, as in DINO/InstDisc);
-* reconstruction PSNR and masked high-frequency (Laplacian L1) error, both in
-  [0, 1] pixel space on removed patches only, so ratios/settings compare fairly;
+* full and partial fine-tuning (:mod:`mae_search.finetune`);
+* reconstruction on held-out images under a fixed masking seed: masked MSE in
+  the training target space, and PSNR / Laplacian (high-frequency) error in
+  [0, 1] pixel space on removed pixels. Under norm-pix targets the prediction
+  is a normalised patch; ``psnr`` maps it back with statistics of the
+  *visible* pixels only (what a model could know), ``psnr_true_stats`` and
+  ``masked_hf_error`` with each masked patch's true mean and variance (so they
+  show structure, not brightness). Without norm-pix the two PSNRs agree;
 * a PNG grid: original | masked | reconstruction | reconstruction + visible.
+
+The reference rows -- the same seed's random initialisation and raw pixels --
+go through the very same functions (:func:`evaluate_reference`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_search.config import EvalConfig
+from mae_search.config import EvalConfig, FinetuneConfig, ModelConfig
 from mae_search.data import ImageSet, denormalize, normalize
-from mae_search.losses import laplacian, pixel_mask
+from mae_search.finetune import finetune
+from mae_search.losses import laplacian, masked_mse, patch_targets, pixel_mask
 from mae_search.masking import patchify, unpatchify
-from mae_search.model import MaskedAutoencoderViT
+from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
+
+REFERENCE_KINDS = ("random_init", "raw_pixels")
+RAW_PIXEL_SIZE = 32  # raw-pixel features are taken at most at 32 x 32 (3072 numbers), whatever the image size
 
 
 @torch.no_grad()
 def extract_features(
     model: MaskedAutoencoderViT, images: ImageSet, pool: str, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
-    """Frozen-encoder features for every image: CLS token or mean of patch tokens."""
+    """Frozen-encoder features for every image: CLS token (the paper's probe) or mean of patch tokens."""
     model.eval()
     feats = []
     for chunk in images.images.split(batch_size):
@@ -37,18 +52,33 @@ def extract_features(
     return torch.cat(feats)
 
 
+def pixel_features(images: ImageSet, device: torch.device) -> torch.Tensor:
+    """The raw-pixel reference: normalised pixels, area-downsampled to at most 32 x 32, flattened."""
+    feats = []
+    for chunk in images.images.split(512):
+        x = normalize(chunk.to(device))
+        if x.shape[-1] > RAW_PIXEL_SIZE:
+            x = F.interpolate(x, size=(RAW_PIXEL_SIZE, RAW_PIXEL_SIZE), mode="area")
+        feats.append(x.flatten(1))
+    return torch.cat(feats)
+
+
 def linear_probe_accuracy(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    epochs: int = 30, seed: int = 0,
+    epochs: int = 50, seed: int = 0, lr: float = 0.1,
 ) -> float:
-    """Top-1 of BatchNorm1d(affine=False) + Linear trained on frozen features (SGD, cosine lr)."""
+    """Top-1 of BatchNorm1d(affine=False, eps=1e-6) + Linear on frozen features (SGD, momentum, cosine lr).
+
+    The BatchNorm is a normaliser, not a learned layer: it makes the probe
+    insensitive to feature scale, which is why the paper adds it.
+    """
     gen = torch.Generator().manual_seed(seed)
-    num_classes = int(train_y.max().item()) + 1
-    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], num_classes))
-    head = head.to(train_x.device)
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    dim = train_x.shape[1]
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)).to(train_x.device)
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
     nn.init.zeros_(head[1].bias)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     batch = min(256, len(train_x))
     steps = epochs * math.ceil(len(train_x) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -74,7 +104,7 @@ def knn_accuracy(
 ) -> float:
     """Weighted k-NN top-1 on L2-normalised features."""
     train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    num_classes = int(train_y.max().item()) + 1
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     k = min(k, len(train_x))
     correct = 0
     for xs, ys in zip(test_x.split(512), test_y.split(512), strict=True):
@@ -85,36 +115,68 @@ def knn_accuracy(
     return correct / len(test_x)
 
 
+def feature_metrics(train_x: torch.Tensor, test_x: torch.Tensor, train: ImageSet, test: ImageSet,
+                    cfg: EvalConfig, seed: int) -> dict[str, float]:
+    """Linear probe and k-NN on given features (encoder or raw pixels alike)."""
+    tr_y, te_y = train.labels.to(train_x.device), test.labels.to(test_x.device)
+    return {
+        "linear_probe_acc": linear_probe_accuracy(train_x, tr_y, test_x, te_y, cfg.probe.epochs, seed, cfg.probe.lr),
+        "knn_acc": knn_accuracy(train_x, tr_y, test_x, te_y, cfg.knn_k),
+    }
+
+
 @torch.no_grad()
 def reconstruct(
     model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, norm_pix: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Original, reconstruction and pixel mask in [0, 1] space: (B, C, H, W) x2 and (B, 1, H, W).
+) -> dict[str, torch.Tensor]:
+    """One masked forward pass on held-out images; the pieces every reconstruction metric needs.
 
-    With norm_pix_loss the decoder predicts per-patch normalised pixels; they
-    are mapped back with each target patch's own mean/std before comparing.
+    Returns ``original`` (B, C, H, W in [0, 1]), ``recon`` (de-normalised with
+    visible-pixel statistics under norm-pix), ``recon_true_stats`` (with each
+    masked patch's true mean/variance), ``mask_px`` (B, 1, H, W) and
+    ``masked_mse`` (the training objective's MSE term on these images).
     """
     model.eval()
     p, c = model.cfg.patch_size, model.cfg.in_chans
     imgs = normalize(images_u8)
     out = model(imgs, mask_ratio)
     pred = out.pred.float()
+    mse = masked_mse(pred, patch_targets(imgs, p, norm_pix), out.mask)
+    true_pred = visible_pred = pred
     if norm_pix:
         target = patchify(imgs, p)
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6).sqrt() + mean
-    recon = denormalize(unpatchify(pred, p, c)).clamp(0, 1)
-    original = images_u8.float() / 255.0
-    return original, recon, pixel_mask(out.mask, p)
+        true_pred = pred * (var + 1e-6).sqrt() + mean
+        visible = (1 - out.mask).unsqueeze(-1)
+        count = visible.sum(1, keepdim=True) * target.shape[-1]
+        v_mean = (target * visible).sum((1, 2), keepdim=True) / count
+        v_var = (((target - v_mean) ** 2) * visible).sum((1, 2), keepdim=True) / count
+        visible_pred = pred * (v_var + 1e-6).sqrt() + v_mean
+    return {
+        "original": images_u8.float() / 255.0,
+        "recon": denormalize(unpatchify(visible_pred, p, c)).clamp(0, 1),
+        "recon_true_stats": denormalize(unpatchify(true_pred, p, c)).clamp(0, 1),
+        "mask_px": pixel_mask(out.mask, p),
+        "masked_mse": mse,
+    }
 
 
-def reconstruction_metrics(original: torch.Tensor, recon: torch.Tensor, mask_px: torch.Tensor) -> dict[str, float]:
-    """PSNR (dB) and Laplacian L1 error over removed pixels only, images in [0, 1]."""
-    c = original.shape[1]
-    denom = (mask_px.sum() * c).clamp(min=1)
-    mse = (((recon - original) ** 2) * mask_px).sum() / denom
-    hf = ((laplacian(recon) - laplacian(original)).abs() * mask_px).sum() / denom
-    return {"psnr": (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).item(), "masked_hf_error": hf.item()}
+def _psnr(original: torch.Tensor, recon: torch.Tensor, mask_px: torch.Tensor) -> float:
+    mse = (((recon - original) ** 2) * mask_px).sum() / (mask_px.sum() * original.shape[1]).clamp(min=1)
+    return (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).item()
+
+
+def reconstruction_metrics(rec: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Held-out masked MSE, the two PSNRs (dB) and the Laplacian L1 error, over removed pixels only."""
+    original, mask_px = rec["original"], rec["mask_px"]
+    denom = (mask_px.sum() * original.shape[1]).clamp(min=1)
+    hf = ((laplacian(rec["recon_true_stats"]) - laplacian(original)).abs() * mask_px).sum() / denom
+    return {
+        "test_mse": rec["masked_mse"].item(),
+        "psnr": _psnr(original, rec["recon"], mask_px),
+        "psnr_true_stats": _psnr(original, rec["recon_true_stats"], mask_px),
+        "masked_hf_error": hf.item(),
+    }
 
 
 def save_reconstruction_grid(
@@ -134,6 +196,30 @@ def save_reconstruction_grid(
     return path
 
 
+def due(when: str, final: bool) -> bool:
+    """Whether a fine-tuning variant runs at this evaluation (``at``: never | end | every_eval)."""
+    return when == "every_eval" or (when == "end" and final)
+
+
+def finetune_metrics(
+    model: MaskedAutoencoderViT, train: ImageSet, test: ImageSet, cfg: EvalConfig, final: bool,
+    device: torch.device, seed: int, *, rank: int = 0, world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None, use_amp: bool = False,
+) -> dict[str, float]:
+    """Full and partial fine-tuning, where due. Every rank must call this (fine-tuning is DDP-aware)."""
+    metrics: dict[str, float] = {}
+    variants: tuple[tuple[str, FinetuneConfig], ...] = (
+        ("finetune", cfg.finetune), ("partial_finetune", cfg.partial_finetune))
+    for name, ft in variants:
+        if not due(ft.at, final):
+            continue
+        result = finetune(encoder_state_dict(model), model.cfg, train, test, ft, device=device, seed=seed,
+                          rank=rank, world_size=world_size, wrap_model=wrap_model, use_amp=use_amp)
+        metrics[f"{name}_acc"] = result.accuracy
+        metrics[f"{name}_time_s"] = result.time_s
+    return metrics
+
+
 def evaluate(
     model: MaskedAutoencoderViT,
     train: ImageSet,
@@ -144,18 +230,34 @@ def evaluate(
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, float]:
-    """All metrics for one model state, on fixed splits and a fixed masking seed (comparable across epochs)."""
+    """Probe, k-NN and reconstruction metrics for one model state (rank 0 only; fine-tuning is separate).
+
+    Fixed splits and a fixed masking seed make the numbers comparable across epochs.
+    """
     metrics: dict[str, float] = {}
     if (train.labels >= 0).any():
-        tr_x = extract_features(model, train, cfg.probe_pool, device)
-        te_x = extract_features(model, test, cfg.probe_pool, device)
-        tr_y, te_y = train.labels.to(device), test.labels.to(device)
-        metrics["linear_probe_acc"] = linear_probe_accuracy(tr_x, tr_y, te_x, te_y, cfg.probe_epochs, seed)
-        metrics["knn_acc"] = knn_accuracy(tr_x, tr_y, te_x, te_y, cfg.knn_k)
+        tr_x = extract_features(model, train, cfg.probe.pool, device)
+        te_x = extract_features(model, test, cfg.probe.pool, device)
+        metrics.update(feature_metrics(tr_x, te_x, train, test, cfg, seed))
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         sample = test.images[: min(len(test), 512)].to(device)
-        original, recon, mask_px = reconstruct(model, sample, mask_ratio, norm_pix)
-    metrics.update(reconstruction_metrics(original, recon, mask_px))
+        metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix)))
     return metrics
+
+
+def evaluate_reference(kind: str, model_cfg: ModelConfig, train: ImageSet, test: ImageSet, cfg: EvalConfig,
+                       device: torch.device, seed: int) -> dict[str, float]:
+    """A reference row: ``random_init`` (the seed's untrained encoder through the full protocol,
+    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels)."""
+    if kind == "raw_pixels":
+        return feature_metrics(pixel_features(train, device), pixel_features(test, device), train, test, cfg, seed)
+    if kind != "random_init":
+        raise ValueError(f"unknown reference '{kind}' (known: {', '.join(REFERENCE_KINDS)})")
+    torch.manual_seed(seed)  # the same initialisation as a trial of this seed (see Trainer)
+    model = MaskedAutoencoderViT(model_cfg).to(device)
+    tr_x = extract_features(model, train, cfg.probe.pool, device)
+    te_x = extract_features(model, test, cfg.probe.pool, device)
+    metrics = feature_metrics(tr_x, te_x, train, test, cfg, seed)
+    return {**metrics, **finetune_metrics(model, train, test, cfg, True, device, seed)}

@@ -35,8 +35,12 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Visible tokens for a ratio: round(N * (1 - ratio)), never fewer than one."""
-    return max(1, min(num_patches, round(num_patches * (1.0 - mask_ratio))))
+    """Visible tokens for a ratio: int(N * (1 - ratio)) as the official code, never fewer than one.
+
+    Truncation, not rounding: at ratio 0.9 with 196 patches the official code
+    keeps 19 tokens, rounding would keep 20.
+    """
+    return max(1, min(num_patches, int(num_patches * (1.0 - mask_ratio))))
 
 
 def random_masking(

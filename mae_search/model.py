@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from mae_search.config import ModelConfig
@@ -82,18 +83,19 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)); drop path (stochastic depth) for fine-tuning."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 @dataclass
@@ -198,3 +200,52 @@ def encoder_state_dict(model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
     """The parts kept after pre-training (patch embed, CLS, blocks, norm): what probing and fine-tuning load."""
     drop = ("decoder", "mask_token")
     return {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
+
+
+class ViTClassifier(nn.Module):
+    """The pre-trained encoder with a classification head, for fine-tuning (facebookresearch/mae models_vit.py).
+
+    As the official ``--global_pool`` recipe: patch tokens are averaged, the
+    encoder's final norm is replaced by a fresh ``fc_norm``, then a linear head
+    (initialised tiny, std 2e-5). Attribute names match the MAE's, so the
+    encoder's weights load by name; drop path rises linearly with depth.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        pos = torch.from_numpy(sincos_pos_embed(cfg.embed_dim, grid)).float()[None]
+        self.register_buffer("pos_embed", pos, persistent=False)
+        rates = np.linspace(0, drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
+        self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_encoder(cls, encoder: dict[str, torch.Tensor], cfg: ModelConfig, num_classes: int,
+                     drop_path: float = 0.0) -> ViTClassifier:
+        """Classifier initialised from :func:`encoder_state_dict` weights (the final norm is not used)."""
+        model = cls(cfg, num_classes, drop_path)
+        weights = {k: v for k, v in encoder.items() if not k.startswith("norm.")}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}:
+            raise ValueError(f"encoder weights do not fit the classifier (missing {missing}, unexpected {unexpected})")
+        return model
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay: embeddings first, then each block, then the head."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^fc_norm|^head", (99999,))])
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.fc_norm(x[:, 1:, :].mean(dim=1)))

@@ -8,7 +8,6 @@ and a distributed trial execute.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +19,11 @@ from torch import nn
 from mae_search.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.config import TrainConfig
 from mae_search.data import DataSplits, crop_flip, draw_crop_flip, epoch_batches, load_data, normalize
-from mae_search.evaluate import evaluate, reconstruct, save_reconstruction_grid
+from mae_search.evaluate import evaluate, finetune_metrics, reconstruct, save_reconstruction_grid
 from mae_search.losses import mae_loss
 from mae_search.masking import scheduled_mask_ratio
 from mae_search.model import MaskedAutoencoderViT
+from mae_search.schedule import lr_at
 
 EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
 # Unweighted loss terms are measured (for logging) on one step in this many.
@@ -57,14 +57,6 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    """Linear warm-up to base_lr, then half-cosine down to min_lr, per optimisation step."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
 class Trainer:
     """Owns model, optimiser, data and schedule position for one run on one worker."""
 
@@ -83,6 +75,7 @@ class Trainer:
         self.device = device or resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = MaskedAutoencoderViT(cfg.model).to(self.device)
+        self.wrap_model = wrap_model
         self.train_model: nn.Module = wrap_model(self.model) if wrap_model else self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
@@ -202,11 +195,22 @@ class Trainer:
             "epoch_time_s": elapsed, "throughput_img_s": images / elapsed,
         }
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(
-            self.model, self.data.train, self.data.test, self.cfg.eval,
-            self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
-        )
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Every metric due now. Call on every rank: fine-tuning is DDP-aware; probe, k-NN and
+        reconstruction run on rank 0 only (they are cheap, and rank 0 reports them)."""
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            metrics.update(evaluate(
+                self.model, self.data.train, self.data.test, self.cfg.eval,
+                self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
+            ))
+        if (self.data.train.labels >= 0).any():
+            metrics.update(finetune_metrics(
+                self.model, self.data.train, self.data.test, self.cfg.eval, final, self.device, self.cfg.seed,
+                rank=self.rank, world_size=self.world_size, wrap_model=self.wrap_model, use_amp=self.use_amp,
+            ))
+        self.model.train()
+        return metrics
 
     def save_reconstruction(self, path: str | Path) -> Path:
         """Reconstruction grid of the first test images under a fixed masking seed."""
@@ -214,10 +218,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
             images = self.data.test.images[:n].to(self.device)
-            original, recon, mask_px = reconstruct(
-                self.model, images, self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss
-            )
-        return save_reconstruction_grid(original, recon, mask_px, path)
+            rec = reconstruct(self.model, images, self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss)
+        self.model.train()
+        return save_reconstruction_grid(rec["original"], rec["recon_true_stats"], rec["mask_px"], path)
 
     def fit(self, on_epoch_end: EpochCallback | None = None) -> list[dict[str, float]]:
         """Run the remaining epochs; returns the full per-epoch history (including resumed epochs)."""
@@ -225,8 +228,8 @@ class Trainer:
             metrics = self.train_one_epoch()
             self.epoch += 1
             last = self.epoch == self.cfg.epochs
-            if self.rank == 0 and (last or self.epoch % self.cfg.eval.every_epochs == 0):
-                metrics.update(self.evaluate())
+            if last or self.epoch % self.cfg.eval.every_epochs == 0:
+                metrics.update(self.evaluate(final=last))
             metrics["epoch"] = self.epoch
             self.history.append(metrics)
             if on_epoch_end:

@@ -8,7 +8,7 @@ CONFIG = """
 model: {img_size: 16, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2,
         decoder_embed_dim: 16, decoder_depth: 1, decoder_num_heads: 2}
 data: {num_train: 128, num_test: 64}
-eval: {probe_epochs: 2, grid_images: 4}
+eval: {probe: {epochs: 2}, grid_images: 4, finetune: {epochs: 1, batch_size: 16}}
 batch_size: 32
 epochs: 2
 """

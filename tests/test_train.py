@@ -3,7 +3,8 @@ import torch
 
 from mae_search.checkpoint import CheckpointError
 from mae_search.config import ConfigError, TrainConfig
-from mae_search.train import Trainer, lr_at, param_groups
+from mae_search.schedule import lr_at
+from mae_search.train import Trainer, param_groups
 from tests.conftest import micro_config
 
 
