@@ -30,9 +30,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from mae_search.checkpoint import CHECKPOINT_FILE
 from mae_search.config import ConfigError, TrainConfig
-from mae_search.results import SPACE_FILE
+from mae_search.data import load_data
+from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
+from mae_search.results import SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
-from mae_search.train import Trainer
+from mae_search.train import Trainer, resolve_device
 
 # The Tune-side driver of a trial only waits on its Ray Train run. It takes no
 # CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
@@ -72,6 +74,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     trainer.fit(on_epoch_end)
+
+
+# --------------------------------------------------------------------------- reference rows
+
+
+def reference_task(cfg_json: dict[str, Any], kind: str, threads: float) -> dict[str, float]:
+    """One reference row (random-init encoder or raw pixels) for one seed, as a Ray task.
+
+    A plain task, not a Train run: it needs no worker group, so it costs about
+    a second of Ray start-up rather than a trial's.
+    """
+    torch.set_num_threads(max(1, int(threads)))
+    cfg = TrainConfig.model_validate(cfg_json)
+    data = load_data(cfg.data, cfg.model, seed=cfg.seed)
+    return evaluate_reference(kind, cfg.model, data.train, data.test, cfg.eval, resolve_device(cfg.device), cfg.seed)
+
+
+def run_references(space: SearchSpace, search_dir: Path) -> int:
+    """Evaluate the reference rows the results table lacks (every seed x kind), concurrently; returns how many.
+
+    They run before the trials, with one trial-worker's resources each, and are
+    recorded once: a resumed search reuses them.
+    """
+    todo = missing_references(search_dir, space.seeds, REFERENCE_KINDS)
+    if not todo:
+        return 0
+    res = space.resources
+    task = ray.remote(reference_task).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
+    configs = {seed: space.base_config().with_overrides({"seed": seed}) for seed, _ in todo}
+    futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
+    rows = [(seed, kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, ray.get(futures), strict=True)]
+    record_references(search_dir, space.name, rows)
+    return len(todo)
 
 
 # --------------------------------------------------------------------------- trial driver
@@ -281,5 +316,6 @@ def run_search(
         tuner = build_tuner(space, storage, callbacks or [], plan.concurrency)
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))
+    run_references(space, exp_dir)
     grid = tuner.fit()
     return grid, time.time() - started

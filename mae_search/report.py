@@ -34,6 +34,7 @@ from mae_search.results import (
     STATUS_STOPPED,
     best_row,
     final_rows,
+    reference_rows,
 )
 from mae_search.search_space import SearchSpace
 
@@ -51,18 +52,25 @@ class MetricSpec:
     higher_is_better: bool
     scale: float = 1.0
     digits: int = 3
+    in_tables: bool = True  # False: recorded and plotted, but not a column of the ablation tables
 
 
 METRICS = (
     MetricSpec("linear_probe_acc", "LP top-1 (%)", True, 100.0, 1),
+    MetricSpec("finetune_acc", "FT top-1 (%)", True, 100.0, 1),
+    MetricSpec("partial_finetune_acc", "partial FT top-1 (%)", True, 100.0, 1),
     MetricSpec("knn_acc", "k-NN top-1 (%)", True, 100.0, 1),
-    MetricSpec("mse", "masked MSE", False, 1.0, 4),
+    MetricSpec("test_mse", "held-out masked MSE", False, 1.0, 4),
     MetricSpec("psnr", "PSNR (dB)", True, 1.0, 2),
-    MetricSpec("masked_hf_error", "masked HF error", False, 1.0, 4),
+    MetricSpec("psnr_true_stats", "PSNR, true patch stats (dB)", True, 1.0, 2),
+    MetricSpec("masked_hf_error", "masked HF error, true patch stats", False, 1.0, 4),
+    MetricSpec("mse", "train masked MSE (last epoch)", False, 1.0, 4, in_tables=False),
     MetricSpec("pretrain_time_s", "pretrain time (s)", False, 1.0, 1),
-    MetricSpec("throughput_img_s", "img/s", True, 1.0, 0),
+    MetricSpec("finetune_time_s", "FT time (s)", False, 1.0, 1),
+    MetricSpec("throughput_img_s", "img/s", True, 1.0, 0, in_tables=False),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
+REFERENCE_LABELS = {"random_init": "random-init encoder (reference)", "raw_pixels": "raw pixels (reference)"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -140,7 +148,8 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
         if tags.get("mlflow.parentRunId") != parent.info.run_id:
             continue
         base = {"search": tags["mae_search.search"], "trial_id": tags["mae_search.trial_id"],
-                "status": tags.get("mae_search.status", "running"), "seed": int(tags.get("mae_search.seed", 0))}
+                "status": tags.get("mae_search.status", "running"), "reference": tags.get("mae_search.reference", ""),
+                "seed": int(tags.get("mae_search.seed", 0))}
         base.update({f"param.{k.removeprefix('search.')}": _parse(v) for k, v in tags.items()
                      if k.startswith("search.")})
         by_epoch: dict[int, dict[str, Any]] = {}
@@ -176,8 +185,10 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     params = sorted(c for c in df.columns if c.startswith("param."))
     metrics = [m.key for m in METRICS if m.key in df.columns]
     extra = [c for c in ("loss", "mask_ratio", "trial_time_s") if c in df.columns]
-    cols = ["search", "trial_id", "status", "seed", "epoch", *params, *metrics, *extra]
+    cols = ["search", "trial_id", "status", "reference", "seed", "epoch", *params, *metrics, *extra]
     out = df[[c for c in cols if c in df.columns]].copy()
+    if "reference" in out:
+        out["reference"] = out["reference"].fillna("").astype(str)
     out["seed"] = out["seed"].astype(int)
     out["epoch"] = out["epoch"].astype(int)
     for c in metrics + extra:
@@ -270,9 +281,10 @@ def ablation_tables(space: SearchSpace, table: pd.DataFrame, report: Report) -> 
     holds the others at the best setting -- as the paper holds them at its defaults -- and a last
     table lists every combination."""
     cols = factor_columns(space, table)
+    refs = reference_rows(table)
     if len(cols) <= 1:
         report.heading("Ablation")
-        ablation_table(space, table, report, cols, "ablation")
+        ablation_table(space, table, report, cols, "ablation", refs)
         return
     best = _best_setting(space, table, cols)
     for col in cols:
@@ -285,9 +297,9 @@ def ablation_tables(space: SearchSpace, table: pd.DataFrame, report: Report) -> 
         report.text("Other factors held at the best setting: "
                     + ", ".join(f"{c.removeprefix('param.')} = {fmt_setting(v)}" for c, v in others.items()) + ".")
         mask = np.logical_and.reduce([table[c] == v for c, v in others.items()])
-        ablation_table(space, table[mask], report, [col], f"ablation_{name.split('.')[-1]}")
+        ablation_table(space, table[mask], report, [col], f"ablation_{name.split('.')[-1]}", refs)
     report.heading("All settings")
-    ablation_table(space, table, report, cols, "ablation_all")
+    ablation_table(space, table, report, cols, "ablation_all", refs)
 
 
 def _best_setting(space: SearchSpace, table: pd.DataFrame, cols: list[str]) -> dict[str, Any] | None:
@@ -299,49 +311,112 @@ def _best_setting(space: SearchSpace, table: pd.DataFrame, cols: list[str]) -> d
     return dict(zip(cols, key if isinstance(key, tuple) else (key,), strict=True))
 
 
-def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols: list[str], name: str) -> None:
-    """The paper-style table: a row per setting, mean ± std over seeds, best in bold, Δ vs baseline."""
+def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols: list[str], name: str,
+                   refs: pd.DataFrame) -> None:
+    """The paper-style table: reference rows, then a row per setting, mean ± std over seeds, Δ vs baseline.
+
+    A setting is bold only when the paired 95% interval of its difference to
+    the runner-up excludes zero; otherwise the report says the best settings
+    are not separable at this n.
+    """
     final = final_rows(table)
     done = final[final["status"] == STATUS_COMPLETED]
     primary = METRIC_BY_KEY.get(space.primary.metric)
-    metrics = [m for m in METRICS if m.key in done.columns]
+    metrics = [m for m in METRICS if m.in_tables and (m.key in done.columns or m.key in refs.columns)]
     declared = _expected_settings(space, cols)  # the file's order (original first, as written)
     settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)},
                       key=lambda s: (declared.index(s), ()) if s in declared else (len(declared), _sort_key(s)))
     baseline = _baseline_setting(space, cols, settings)
     headers = [", ".join(c.removeprefix("param.") for c in cols), "n", *[m.label for m in metrics]]
-    if baseline is not None and primary is not None:
+    with_delta = baseline is not None and primary is not None
+    if with_delta:
         headers.append(f"Δ {primary.label} vs {fmt_setting(baseline[0])} (95% CI)")
     headers.append("stopped / failed")
-    rows, means = [], []
+    rows = []
+    for kind, label in REFERENCE_LABELS.items():
+        group = refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]
+        if not group.empty:
+            rows.append([label, str(len(group)), *[fmt_metric(m, group[m.key]) if m.key in group else "-"
+                                                   for m in metrics], *(["-"] if with_delta else []), "-"])
+    first_setting = len(rows)
+    groups = []
     for setting in settings:
         mask = np.logical_and.reduce([final[c] == v for c, v in zip(cols, setting, strict=True)])
         group_all = final[mask]
         group = group_all[group_all["status"] == STATUS_COMPLETED]
+        groups.append(group)
         label = setting_label(pd.Series(dict(zip(cols, setting, strict=True))), cols)
         row = [label + (" (baseline)" if baseline == setting else ""), str(len(group))]
-        row += [fmt_metric(m, group[m.key]) for m in metrics]
-        if baseline is not None and primary is not None:
+        row += [fmt_metric(m, group[m.key]) if m.key in group else "-" for m in metrics]
+        if with_delta:
             row.append(_delta_cell(final, cols, baseline, setting, group, primary))
         stopped = int((group_all["status"] == STATUS_STOPPED).sum())
         failed = int((group_all["status"] == STATUS_FAILED).sum())
         row.append(f"{stopped} / {failed}")
         rows.append(row)
-        means.append(group[primary.key].mean() if primary is not None and not group.empty else float("nan"))
-    bold = None
-    if primary is not None and not all(math.isnan(m) for m in means):
-        pick = np.nanargmax if space.primary.mode == "max" else np.nanargmin
-        bold = int(pick(means))
-    caption = ("Final metrics of finished trials; mean ± std over seeds where n > 1. "
-               f"Best {primary.label if primary else ''} in bold. "
+    labels = [r[0] for r in rows[first_setting:]]
+    best, verdict = separable_best(groups, labels, primary, space.primary.mode)
+    caption = ("Final metrics of finished trials; mean ± std over seeds where n > 1. Reference rows: the same "
+               "evaluation of each seed's untrained encoder (fine-tuning it is training from scratch) and of raw "
+               "pixels. Bold: a best setting whose paired 95% interval against the runner-up excludes zero. "
                "Δ: paired by seed against the baseline, mean with 95% t-interval.")
-    report.table(Table(name, headers, rows, bold, caption))
-    missing = [fmt_setting(s[0]) if len(s) == 1 else str(s) for s, m in zip(settings, means, strict=True)
-               if math.isnan(m)]
-    expected = _expected_settings(space, cols)
-    missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in expected if s not in settings]
+    report.table(Table(name, headers, rows, None if best is None else first_setting + best, caption))
+    if verdict:
+        report.text(verdict)
+    margins = reference_margins(groups, labels, refs, space.primary.mode)
+    if margins:
+        report.text(margins)
+    missing = [label for label, g in zip(labels, groups, strict=True)
+               if primary is None or g.empty or g[primary.key].isna().all()]
+    missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in declared if s not in settings]
     if missing:
         report.text(f"**Missing**: no finished trial yet for {', '.join(missing)}.")
+
+
+def _paired_text(diff: tuple[float, float, int] | None, spec: MetricSpec) -> str:
+    if diff is None:
+        return "n/a"
+    mean, half, n = diff
+    ci = "" if math.isnan(half) else f" ± {half * spec.scale:.{spec.digits}f}"
+    return f"{mean * spec.scale:+.{spec.digits}f}{ci} (n={n})"
+
+
+def separable_best(groups: list[pd.DataFrame], labels: list[str], spec: MetricSpec | None,
+                   mode: str) -> tuple[int | None, str]:
+    """Index of the best setting if its paired interval against the runner-up excludes zero, and the verdict."""
+    if spec is None:
+        return None, ""
+    means = [g[spec.key].mean() if spec.key in g and not g.empty else float("nan") for g in groups]
+    ranked = sorted((i for i, m in enumerate(means) if not math.isnan(m)),
+                    key=lambda i: -means[i] if mode == "max" else means[i])
+    if len(ranked) < 2:
+        return (ranked[0] if ranked else None), ""
+    best, runner = ranked[0], ranked[1]
+    diff = paired_difference(groups[best], groups[runner], spec.key)
+    delta = _paired_text(diff, spec)
+    if diff is None or math.isnan(diff[1]) or abs(diff[0]) <= diff[1]:
+        return None, (f"**Not separable at this n**: the best {spec.label}, {labels[best]}, and the runner-up, "
+                      f"{labels[runner]}, differ by {delta}, an interval that includes zero; no row is marked best.")
+    return best, f"Best {spec.label}: {labels[best]}, ahead of the runner-up {labels[runner]} by {delta}."
+
+
+def reference_margins(groups: list[pd.DataFrame], labels: list[str], refs: pd.DataFrame, mode: str) -> str:
+    """Each setting's margin over the random-init reference (paired by seed) and over raw pixels, per metric."""
+    if refs.empty or "reference" not in refs:
+        return ""
+    parts = []
+    for key in ("linear_probe_acc", "finetune_acc"):
+        spec = METRIC_BY_KEY[key]
+        for kind in ("random_init", "raw_pixels"):
+            ref = refs[refs["reference"] == kind]
+            if key not in ref or ref[key].isna().all():
+                continue
+            cells = [f"{label} {_paired_text(paired_difference(g, ref, key), spec)}"
+                     for label, g in zip(labels, groups, strict=True) if key in g and not g.empty]
+            if cells:
+                parts.append(f"{spec.label} minus {REFERENCE_LABELS[kind].removesuffix(' (reference)')}: "
+                             + "; ".join(cells) + ".")
+    return ("**Against the reference rows** (paired by seed, 95% t-interval): " + " ".join(parts)) if parts else ""
 
 
 def _sort_key(setting: tuple) -> tuple:
@@ -369,12 +444,7 @@ def _delta_cell(final, cols, baseline, setting, group, primary: MetricSpec) -> s
         return "-"
     base_mask = final[cols[0]] == baseline[0]
     base = final[base_mask & (final["status"] == STATUS_COMPLETED)]
-    diff = paired_difference(group, base, primary.key)
-    if diff is None:
-        return "n/a"
-    mean, half, n = diff
-    ci = "" if math.isnan(half) else f" ± {half * primary.scale:.{primary.digits}f}"
-    return f"{mean * primary.scale:+.{primary.digits}f}{ci} (n={n})"
+    return _paired_text(paired_difference(group, base, primary.key), primary)
 
 
 def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> None:

@@ -21,6 +21,8 @@ from ray.tune import Callback
 RESULTS_FILE = "results.parquet"
 SPACE_FILE = "search_space.json"  # the validated space, beside the table (read by `list` and `report`)
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "running", "completed", "stopped_early", "failed"
+# Reference rows (random-init encoder, raw pixels; one per seed) carry this status and a ``reference`` kind.
+STATUS_REFERENCE = "reference"
 # Keys Tune adds to every result (and the epoch, which is the step, not a metric).
 TUNE_KEYS = frozenset({
     "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
@@ -61,8 +63,43 @@ def trial_error(trial: Any, limit: int) -> str:
 
 
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The last reported epoch of each trial (what a table of final metrics shows)."""
+    """The last reported epoch of each trial (what a table of final metrics shows); reference rows excluded."""
+    if "status" in df:
+        df = df[df["status"] != STATUS_REFERENCE]
     return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
+
+
+def reference_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The reference rows of a results table (empty when the search recorded none)."""
+    if "status" not in df:
+        return df.iloc[0:0]
+    return df[df["status"] == STATUS_REFERENCE].reset_index(drop=True)
+
+
+def reference_trial_id(kind: str, seed: int) -> str:
+    return f"reference-{kind}-seed{seed}"
+
+
+def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(seed, kind) pairs the search's table has no reference row for yet."""
+    path = Path(search_dir) / RESULTS_FILE
+    have = set()
+    if path.is_file():
+        refs = reference_rows(pd.read_parquet(path))
+        have = {(int(r["seed"]), r["reference"]) for _, r in refs.iterrows()}
+    return [(seed, kind) for seed in seeds for kind in kinds if (seed, kind) not in have]
+
+
+def record_references(search_dir: Path, search: str, rows: list[tuple[int, str, Any, dict[str, float]]]) -> None:
+    """Append reference rows (seed, kind, TrainConfig, metrics) to the search's table (atomic replace)."""
+    path = Path(search_dir) / RESULTS_FILE
+    new = pd.DataFrame.from_records([
+        {"search": search, "trial_id": reference_trial_id(kind, seed), "status": STATUS_REFERENCE, "error": "",
+         "seed": seed, "epoch": 0, "reference": kind, **metrics, "config_json": cfg.model_dump_json()}
+        for seed, kind, cfg, metrics in rows
+    ])
+    old = pd.read_parquet(path) if path.is_file() else None
+    write_atomic(new if old is None else pd.concat([old, new], ignore_index=True), path)
 
 
 def best_row(final: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
@@ -85,7 +122,7 @@ class ResultsTableCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():  # resumed search: keep what earlier runs recorded
+        if self.path.is_file():  # reference rows, and a resumed search's earlier trials
             for row in pd.read_parquet(self.path).to_dict("records"):
                 self.rows[(row["trial_id"], int(row["epoch"]))] = row
                 self.status[row["trial_id"]] = (row["status"], row.get("error") or "")

@@ -28,12 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mae_search.config import ConfigError, TrainConfig, describe_validation_error, known_parameters
 
 METRICS = (
-    "loss", "mse", "freq_loss", "unif_loss", "linear_probe_acc", "knn_acc", "psnr", "masked_hf_error",
-    "pretrain_time_s", "throughput_img_s",
+    "loss", "mse", "freq_loss", "unif_loss", "linear_probe_acc", "knn_acc", "finetune_acc", "partial_finetune_acc",
+    "test_mse", "psnr", "psnr_true_stats", "masked_hf_error", "pretrain_time_s", "finetune_time_s",
+    "partial_finetune_time_s", "throughput_img_s",
 )
 
 
-EVAL_METRICS = ("linear_probe_acc", "knn_acc", "psnr", "masked_hf_error")
+EVAL_METRICS = ("linear_probe_acc", "knn_acc", "test_mse", "psnr", "psnr_true_stats", "masked_hf_error")
+FINETUNE_METRICS = {"finetune_acc": "finetune", "partial_finetune_acc": "partial_finetune"}
 
 
 class _Strict(BaseModel):
@@ -261,6 +263,15 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(
             f"{source}: base.eval.every_epochs must be 1 when ASHA decides on '{space.primary.metric}' every epoch"
         )
+    for objective in space.objectives:
+        variant = FINETUNE_METRICS.get(objective.metric)
+        if variant is None:
+            continue
+        at = getattr(base.eval, variant).at
+        if at == "never" or (space.scheduler.type == "asha" and at != "every_eval"):
+            need = "every_eval (ASHA compares it at every rung)" if space.scheduler.type == "asha" else "end"
+            raise ConfigError(f"{source}: base.eval.{variant}.at is '{at}' but the objective '{objective.metric}' "
+                              f"needs {need}")
     if not space.is_grid and len(space.seeds) > 1:
         raise ConfigError(f"{source}: seeds: several seeds per configuration need a grid search (all dimensions grid)")
     return space

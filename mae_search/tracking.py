@@ -177,6 +177,7 @@ class MLflowSearchCallback(Callback):
                 self.parent_id, self.children = state["parent_run_id"], state.get("children", {})
                 self.experiment_id = self.client.get_run(self.parent_id).info.experiment_id
                 self.client.update_run(self.parent_id, status="RUNNING")
+                self._log_references()
                 return
         exp_id = self.experiment_id = self._experiment_id()
         tags = {"mae_search.search": self.space.name, "mae_search.command": shlex.join(sys.argv),
@@ -193,6 +194,32 @@ class MLflowSearchCallback(Callback):
             path = Path(tmp) / "search_space.json"
             path.write_text(self.space.model_dump_json(indent=2))
             self.client.log_artifact(self.parent_id, str(path))
+        self._save_state()
+        self._log_references()
+
+    def _log_references(self) -> None:
+        """Reference rows (random-init encoder, raw pixels) as finished child runs, once each."""
+        from mae_search.results import RESULTS_FILE, read_results, reference_rows
+        from mae_search.search_space import METRICS
+
+        path = self.search_dir / RESULTS_FILE
+        if not path.is_file():
+            return
+        now = int(time.time() * 1000)
+        for _, row in reference_rows(read_results(path)).iterrows():
+            if row["trial_id"] in self.children:
+                continue
+            tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,
+                    "mae_search.trial_id": row["trial_id"], "mae_search.seed": str(int(row["seed"])),
+                    TAG_STATUS: "reference", "mae_search.reference": row["reference"]}
+            run = self.client.create_run(self.experiment_id, tags=tags,
+                                         run_name=f"reference: {row['reference']} (seed {int(row['seed'])})")
+            from mlflow.entities import Metric
+
+            metrics = [Metric(k, float(row[k]), now, 0) for k in METRICS if k in row and pd_notna(row[k])]
+            self.client.log_batch(run.info.run_id, metrics=metrics)
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            self.children[row["trial_id"]] = run.info.run_id
         self._save_state()
 
     # ----------------------------------------------------------------- trials
@@ -330,6 +357,10 @@ class MLflowSearchCallback(Callback):
                 self.client.log_artifact(self.parent_id, str(Path(tmp) / name), "best_encoder")
                 if trial_id in self.children:
                     self.client.log_artifact(self.children[trial_id], str(Path(tmp) / name), "encoder")
+
+
+def pd_notna(value: Any) -> bool:
+    return value is not None and value == value  # NaN is the only value unequal to itself
 
 
 def _tag(key: str, value: str):

@@ -7,13 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mae_search.config import TrainConfig
 from mae_search.report import ReportError, load_from_dir, load_from_mlflow, pareto_front, write_report
-from mae_search.results import ResultsTableCallback
+from mae_search.results import ResultsTableCallback, record_references
 from mae_search.search_space import load_search_space
 from mae_search.tracking import MLflowSearchCallback
 from tests.conftest import cli
 
-SPACE = """
+SPACE_TEMPLATE = """
 name: fixture-ablation
 description: Synthetic recorded results.
 base: {epochs: 3}
@@ -21,11 +22,12 @@ dimensions:
   masking.mask_ratio: {grid: [0.5, 0.75, 0.9]}
 factor: masking.mask_ratio
 baseline: 0.75
-seeds: [0, 1]
+seeds: SEEDS
 metric: linear_probe_acc
 mode: max
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 """
+SPACE = SPACE_TEMPLATE.replace("SEEDS", "[0, 1]")
 ACC = {0.5: 0.40, 0.75: 0.50, 0.9: 0.45}
 
 
@@ -46,9 +48,12 @@ def new_search(tmp_path: Path, text: str):
     return space, space_file, search_dir
 
 
-def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset()):
-    """Feed synthetic per-epoch results through the callbacks a real search uses."""
-    space, space_file, search_dir = new_search(tmp_path, SPACE)
+def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(), seeds: tuple = (0, 1)):
+    """Feed synthetic per-epoch results (and reference rows) through the callbacks a real search uses."""
+    space, space_file, search_dir = new_search(tmp_path, SPACE_TEMPLATE.replace("SEEDS", str(list(seeds))))
+    record_references(search_dir, space.name, [
+        (seed, kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc})
+        for seed in seeds for kind, acc in (("random_init", 0.2), ("raw_pixels", 0.15))])
     callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     if with_mlflow:
@@ -56,7 +61,7 @@ def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(
     for cb in callbacks:
         cb.setup()
     trials = []
-    for i, (ratio, seed) in enumerate((r, s) for s in (0, 1) for r in (0.5, 0.75, 0.9)):
+    for i, (ratio, seed) in enumerate((r, s) for s in seeds for r in (0.5, 0.75, 0.9)):
         trial = FakeTrial(f"t{i}", {"masking.mask_ratio": ratio, "seed": seed})
         if trial.trial_id in drop:
             continue
@@ -96,16 +101,29 @@ def test_ablation_table_means_best_and_stopped(tmp_path):
     assert rows["0.75 (baseline)"][1:3] == ["2", "50.5 ± 0.7"]
     assert rows["0.9"][1:3] == ["1", "45.0"]
     assert rows["0.9"][-1] == "1 / 0"
-    # Best row in bold, and only that row.
-    bold = [line for line in md.splitlines() if line.startswith("| **")]
-    assert len(bold) == 1 and bold[0].startswith("| **0.75 (baseline)**")
+    # The reference rows come first, evaluated per seed.
+    assert rows["random-init encoder (reference)"][1:3] == ["2", "20.5 ± 0.7"]
+    assert rows["raw pixels (reference)"][1:3] == ["2", "15.5 ± 0.7"]
+    assert "LP top-1 (%) minus random-init encoder: 0.5 +20.0 ± 0.0 (n=2); 0.75 (baseline) +30.0 ± 0.0 (n=2)" in md
+    # The runner-up (0.9) has one finished seed, so no interval: no row is marked best.
+    assert not [line for line in md.splitlines() if line.startswith("| **")]
+    assert "**Not separable at this n**: the best LP top-1 (%), 0.75 (baseline), and the runner-up, 0.9" in md
     # Paired difference vs baseline: -10 points for both seeds, so a zero-width interval.
     assert rows["0.5"][-2] == "-10.0 ± 0.0 (n=2)"
     assert "## Trials stopped early or failed" in md and "| t5 | stopped_early | 1 | 0.9 | 1 |" in md
     csv = pd.read_csv(tmp_path / "out" / "tables" / "ablation.csv")
-    assert csv.shape[0] == 3
+    assert csv.shape[0] == 5  # two reference rows, three settings
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "src='factor.png'" not in html
+
+
+def test_best_is_bold_only_when_separated_from_the_runner_up(tmp_path):
+    # Three seeds: 0.9 seeds 0 and 2 finish, 5 points behind 0.75 on both, so the interval excludes zero.
+    search_dir, _ = record(tmp_path, with_mlflow=False, seeds=(0, 1, 2))
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    bold = [line for line in md.splitlines() if line.startswith("| **")]
+    assert len(bold) == 1 and bold[0].startswith("| **0.75 (baseline)**")
+    assert "Best LP top-1 (%): 0.75 (baseline), ahead of the runner-up 0.9 by +5.0 ± 0.0 (n=2)." in md
 
 
 def test_rerun_is_byte_identical_and_regenerates_from_archive(tmp_path):
@@ -243,11 +261,14 @@ def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
     depth = md.split("## Ablation: model.decoder_depth")[1].split("## ")[0]
     assert "Other factors held at the best setting: model.decoder_embed_dim = 32." in depth
-    assert "| 1 | 1 | 13.2 |" in depth and "| **2** | **1** | **23.2** |" in depth
+    # One seed per setting: no interval, so the best (2) is named but not marked.
+    assert "| 1 | 1 | 13.2 |" in depth and "| 2 | 1 | 23.2 |" in depth
+    assert "the best LP top-1 (%), 2, and the runner-up, 1, differ by +10.0 (n=1)" in depth
     width = md.split("## Ablation: model.decoder_embed_dim")[1].split("## ")[0]
     assert "model.decoder_depth = 2." in width and "| 16 | 1 | 21.6 |" in width
     combined = md.split("## All settings")[1].split("## ")[0]
-    assert combined.count("decoder_depth=") == 4 and "**decoder_depth=2, decoder_embed_dim=32**" in combined
+    assert combined.count("| decoder_depth=") == 4
+    assert "the best LP top-1 (%), decoder_depth=2, decoder_embed_dim=32" in combined
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
         "ablation_decoder_depth.csv", "ablation_decoder_embed_dim.csv", "ablation_all.csv"}
 
