@@ -137,8 +137,13 @@ class FinetuneConfig(_Strict):
     blocks: int | None = Field(None, ge=0, description="train only the last k blocks; None: all (full fine-tuning)")
 
 
-def _partial_finetune_default() -> FinetuneConfig:
-    return FinetuneConfig(at="never", blocks=1, epochs=10, drop_path=0.0)
+class PartialFinetuneConfig(FinetuneConfig):
+    """Partial fine-tuning (paper Fig. 9): the same recipe on the last ``blocks`` blocks only; off by default."""
+
+    at: When = "never"
+    blocks: int = Field(1, ge=0)
+    epochs: int = Field(10, ge=1)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ProbeConfig(_Strict):
@@ -156,7 +161,7 @@ class EvalConfig(_Strict):
     probe: ProbeConfig = ProbeConfig()
     knn_k: int = Field(20, ge=1)
     finetune: FinetuneConfig = FinetuneConfig()
-    partial_finetune: FinetuneConfig = Field(default_factory=_partial_finetune_default)
+    partial_finetune: PartialFinetuneConfig = PartialFinetuneConfig()
     grid_images: int = Field(8, ge=1)
 
     @model_validator(mode="after")
@@ -168,8 +173,6 @@ class EvalConfig(_Strict):
                 raise ValueError(f"{key}.crop_scale must satisfy 0 < low <= high <= 1, got {ft.crop_scale}")
             if (ft.mixup > 0 or ft.cutmix > 0) and ft.batch_size % 2:
                 raise ValueError(f"{key}.batch_size must be even with mixup/cutmix")
-        if self.partial_finetune.blocks is None:
-            raise ValueError("partial_finetune.blocks must name how many last blocks to train")
         return self
 
 

@@ -238,9 +238,10 @@ class ViTClassifier(nn.Module):
         return model
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: embeddings first, then each block, then the head."""
+        """Layer ids for timm's layer-wise lr decay, as the official code: embeddings 0, block i is i + 1,
+        fc_norm and head depth + 1 (a group of their own: timm's (99999,) would merge them into the last block)."""
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^fc_norm|^head", (99999,))])
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^fc_norm|^head", (10_000,))])
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:, :]

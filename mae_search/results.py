@@ -37,14 +37,18 @@ def reported_metrics(result: dict[str, Any]) -> dict[str, int | float]:
             if k not in TUNE_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """Load a results table (a file, or a search directory holding one)."""
+def read_results(path: str | Path, with_references: bool = False) -> pd.DataFrame:
+    """Load a results table (a file, or a search directory holding one): the trials' rows, and the
+    reference rows too when asked."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
-    return pd.read_parquet(path)
+    df = pd.read_parquet(path)
+    if with_references or "status" not in df:
+        return df
+    return df[df["status"] != STATUS_REFERENCE].reset_index(drop=True)
 
 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -85,7 +89,7 @@ def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...
     path = Path(search_dir) / RESULTS_FILE
     have = set()
     if path.is_file():
-        refs = reference_rows(pd.read_parquet(path))
+        refs = reference_rows(read_results(path, with_references=True))
         have = {(int(r["seed"]), r["reference"]) for _, r in refs.iterrows()}
     return [(seed, kind) for seed in seeds for kind in kinds if (seed, kind) not in have]
 

@@ -206,7 +206,7 @@ class MLflowSearchCallback(Callback):
         if not path.is_file():
             return
         now = int(time.time() * 1000)
-        for _, row in reference_rows(read_results(path)).iterrows():
+        for _, row in reference_rows(read_results(path, with_references=True)).iterrows():
             if row["trial_id"] in self.children:
                 continue
             tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,

@@ -24,7 +24,7 @@ def test_masking_keeps_exact_count_and_restores_order(ratio):
     b, n, d = 4, 64, 8
     x = torch.arange(b * n, dtype=torch.float32).reshape(b, n, 1).expand(b, n, d).contiguous()
     visible, mask, ids_restore = random_masking(x, ratio)
-    keep = round(n * (1 - ratio))
+    keep = int(n * (1 - ratio))  # the official code's count
     assert visible.shape == (b, keep, d)
     assert (mask.sum(dim=1) == n - keep).all()
     # Visible tokens are exactly the unmasked positions of each sample.
@@ -46,6 +46,14 @@ def test_masking_is_per_sample():
 
 def test_num_kept_never_zero():
     assert num_kept(4, 0.99) == 1
+
+
+@pytest.mark.parametrize(("n", "ratio", "kept"), [(196, 0.9, 19), (196, 0.75, 49), (64, 0.85, 9), (49, 0.6, 19)])
+def test_visible_count_truncates_as_the_official_code(n, ratio, kept):
+    """int(N * (1 - ratio)): rounding would keep one token more at 0.9, 0.85 and 0.6."""
+    assert num_kept(n, ratio) == kept == int(n * (1 - ratio))
+    visible, mask, _ = random_masking(torch.zeros(2, n, 3), ratio)
+    assert visible.shape[1] == kept and (mask.sum(1) == n - kept).all()
 
 
 def test_curriculum_endpoints_and_shapes():

@@ -18,7 +18,12 @@ pytestmark = pytest.mark.slow
 def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     space = micro_space(tmp_path, "asha", ASHA_BLR_BODY.format(num_samples=4))
     out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
-    df = read_results(tmp_path / "results" / "asha")
+    df = read_results(tmp_path / "results" / "asha", with_references=True)
+    # The reference rows of the search's seed, evaluated by the same code before the trials.
+    refs = df[df["status"] == "reference"].set_index("reference")
+    assert sorted(refs.index) == ["random_init", "raw_pixels"] and (refs["seed"] == 0).all()
+    assert refs["linear_probe_acc"].between(0, 1).all() and refs["finetune_acc"].notna().tolist() == [True, False]
+    df = df[df["status"] != "reference"]
     final = df.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
     assert len(final) == 4, out.stdout
     assert (final["status"] == "stopped_early").sum() >= 1

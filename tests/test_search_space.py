@@ -135,3 +135,27 @@ def test_searchers_follow_the_file(tmp_path):
     assert make_scheduler(space, 3) is None
     with pytest.raises(ConfigError, match="ASHA needs a single metric"):
         load_search_space(write(tmp_path, two.replace("scheduler: {type: none}\n", "")))
+
+
+def test_finetuning_objective_needs_finetuning_when_it_is_read(tmp_path):
+    """finetune_acc can be the objective; a space that never computes it, or ASHA reading it at rungs
+    where it is not computed, is refused in one line before Ray starts."""
+    grid = VALID.replace("metric: linear_probe_acc", "metric: finetune_acc") + "scheduler: {type: none}\n"
+    assert load_search_space(write(tmp_path, grid)).primary.metric == "finetune_acc"
+    never = grid.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {finetune: {at: never}}}")
+    with pytest.raises(ConfigError, match=r"base.eval.finetune.at is 'never' but the objective 'finetune_acc'"):
+        load_search_space(write(tmp_path, never))
+    asha = VALID.replace("metric: linear_probe_acc", "metric: partial_finetune_acc") + \
+        "scheduler: {type: asha}\n"
+    asha = asha.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}")
+    with pytest.raises(ConfigError, match=r"partial_finetune.at is 'never' .* needs every_eval"):
+        load_search_space(write(tmp_path, asha))
+    ok = asha.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {partial_finetune: {at: every_eval}}}")
+    assert load_search_space(write(tmp_path, ok)).primary.metric == "partial_finetune_acc"
+
+
+def test_embedding_width_without_sincos_is_refused_before_ray(tmp_path):
+    bad = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.embed_dim: {grid: [96, 102]}")
+    bad = bad.replace("base: {epochs: 3}", "base: {epochs: 3, model: {num_heads: 2}}")
+    with pytest.raises(ConfigError, match=r"dimensions.model.embed_dim: value 102 is invalid .*not divisible by 4"):
+        load_search_space(write(tmp_path, bad))

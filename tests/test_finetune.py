@@ -1,0 +1,113 @@
+"""Fine-tuning (full and partial) and the reference rows, on micro models in seconds."""
+
+import pytest
+import torch
+
+from mae_search.config import FinetuneConfig, ModelConfig
+from mae_search.data import ImageSet, load_data
+from mae_search.evaluate import evaluate_reference
+from mae_search.finetune import build_classifier, finetune, make_finetune_optimizer
+from mae_search.model import MaskedAutoencoderViT, ViTClassifier, encoder_state_dict
+from mae_search.train import Trainer
+from tests.conftest import micro_config
+
+MICRO = micro_config().model
+
+
+def brightness_task(n: int, seed: int) -> ImageSet:
+    """Two classes a classifier must learn: dark and bright images (noise on top)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    base = torch.where(labels[:, None, None, None] == 1, 200.0, 50.0)
+    images = (base + 30 * torch.randn(n, 3, 16, 16, generator=gen)).clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, ("dark", "bright"))
+
+
+def encoder(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return encoder_state_dict(MaskedAutoencoderViT(MICRO))
+
+
+def test_classifier_loads_the_encoder_weights():
+    weights = encoder()
+    clf = ViTClassifier.from_encoder(weights, MICRO, num_classes=3)
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+    assert torch.equal(clf.patch_embed.weight, weights["patch_embed.weight"])
+    assert clf(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        ViTClassifier.from_encoder(weights, MICRO.model_copy(update={"depth": 2}), num_classes=3)
+
+
+def test_layer_wise_lr_decay_scales_blocks_below_the_head():
+    cfg = FinetuneConfig(layer_decay=0.5)
+    model = build_classifier(encoder(), MICRO.model_copy(update={"depth": 1}), 3, cfg)
+    optimizer = make_finetune_optimizer(model, lr=1.0, cfg=cfg)
+    lr_of = {id(p): g["base_lr"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    # depth 1: embeddings are layer 0 (0.25), block 0 is layer 1 (0.5), head and fc_norm layer 2 (1.0).
+    assert lr_of[id(names["patch_embed.weight"])] == pytest.approx(0.25)
+    assert lr_of[id(names["blocks.0.mlp.fc1.weight"])] == pytest.approx(0.5)
+    assert lr_of[id(names["head.weight"])] == pytest.approx(1.0)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(names["cls_token"])] == 0 and decay[id(names["blocks.0.norm1.weight"])] == 0
+    assert decay[id(names["blocks.0.mlp.fc1.weight"])] == cfg.weight_decay
+
+
+def test_full_finetuning_learns_a_separable_task_and_is_deterministic():
+    train, test = brightness_task(128, 0), brightness_task(64, 1)
+    cfg = FinetuneConfig(epochs=4, batch_size=16, blr=2e-2, warmup_epochs=0.5)
+    first = finetune(encoder(), MICRO, train, test, cfg, device=torch.device("cpu"), seed=3)
+    again = finetune(encoder(), MICRO, train, test, cfg, device=torch.device("cpu"), seed=3)
+    assert first.accuracy >= 0.95
+    assert again.accuracy == first.accuracy and first.time_s > 0
+
+
+def test_partial_finetuning_trains_only_the_last_blocks_and_the_head():
+    cfg = FinetuneConfig(blocks=1, epochs=1, batch_size=16)
+    deep = MICRO.model_copy(update={"depth": 2})
+    torch.manual_seed(0)
+    weights = encoder_state_dict(MaskedAutoencoderViT(deep))
+    model = build_classifier(weights, deep, 2, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.1.", "fc_norm", "head")) for n in trainable)
+    assert any(n.startswith("blocks.1.") for n in trainable)
+
+
+def test_mixup_and_cutmix_run_on_the_device_batch():
+    train, test = brightness_task(64, 0), brightness_task(32, 1)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, mixup=0.8, cutmix=1.0)
+    result = finetune(encoder(), MICRO, train, test, cfg, device=torch.device("cpu"), seed=0)
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+def test_trainer_reports_finetuning_at_the_last_epoch_only():
+    cfg = micro_config(**{"eval.partial_finetune.at": "every_eval", "eval.partial_finetune.epochs": 1})
+    history = Trainer(cfg).fit()
+    assert "finetune_acc" not in history[0] and "finetune_acc" in history[-1]
+    assert all("partial_finetune_acc" in h and h["partial_finetune_time_s"] > 0 for h in history)
+
+
+def test_reference_rows_use_the_trials_initialisation_and_raw_pixels():
+    cfg = micro_config(seed=4)
+    data = load_data(cfg.data, cfg.model, seed=cfg.seed)
+    random_init = evaluate_reference("random_init", cfg.model, data.train, data.test, cfg.eval,
+                                     torch.device("cpu"), cfg.seed)
+    untrained = Trainer(cfg).evaluate(final=True)  # the model a trial of seed 4 starts from, same protocol
+    for key in ("linear_probe_acc", "knn_acc", "finetune_acc"):
+        assert random_init[key] == untrained[key], key
+    pixels = evaluate_reference("raw_pixels", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
+    assert set(pixels) == {"linear_probe_acc", "knn_acc"}
+    with pytest.raises(ValueError, match="unknown reference"):
+        evaluate_reference("imagenet", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
+
+
+def test_width_that_cannot_make_sincos_embeddings_is_refused():
+    from mae_search.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"embed_dim 30 is not divisible by 4") as exc:
+        TrainConfig.from_dict({"model": {"embed_dim": 30, "num_heads": 2}})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="partial_finetune.blocks 9 exceeds model.depth 4"):
+        TrainConfig.from_dict({"eval": {"partial_finetune": {"blocks": 9}}})
+    with pytest.raises(ValueError):
+        ModelConfig(decoder_embed_dim=18, decoder_num_heads=2)
