@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path, cfg: TrainConfig | None = None) -> dict[st
     if cfg is not None:
         saved = state["config"]["model"]
         wanted = cfg.model.model_dump()
-        diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        diff = sorted(k for k in wanted if k != "preset" and saved.get(k) != wanted[k])
         if diff:
             details = ", ".join(f"{k}={saved.get(k)} (config has {wanted[k]})" for k in diff)
             raise CheckpointError(f"{path}: model does not match the config: {details}")

@@ -42,7 +42,14 @@ def train(
     eval_init: Annotated[bool, typer.Option(help="evaluate the random init first (epoch 0)")] = False,
 ) -> None:
     """Pre-train one MAE with a progress bar and per-epoch metrics (no Ray needed)."""
-    from tqdm import tqdm
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from mae_search.train import Trainer
 
@@ -63,12 +70,14 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     if eval_init and trainer.epoch == 0:
-        initial = {**trainer.evaluate(), "epoch": 0}
+        initial = {**trainer.evaluate(final=True), "epoch": 0}  # the full protocol: FT here = from scratch
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(initial) + "\n")
         console.print("epoch 0 (random init): " + "  ".join(
-            f"{k}={initial[k]:.4g}" for k in ("linear_probe_acc", "knn_acc", "psnr") if k in initial))
-    bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc="pretrain", unit="epoch")
+            f"{k}={initial[k]:.4g}" for k in ("linear_probe_acc", "knn_acc", "finetune_acc", "psnr") if k in initial))
+    progress = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = progress.add_task("pretrain", total=cfg.epochs, completed=trainer.epoch)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
         t.save(ckpt)
@@ -77,12 +86,14 @@ def train(
         with (out / "steps.jsonl").open("a") as f:  # mask ratio and lr in force at every step
             f.writelines(json.dumps(s) + "\n" for s in t.step_log)
         t.step_log.clear()
-        bar.update(1)
-        shown = {k: metrics[k] for k in ("loss", "mask_ratio", "linear_probe_acc", "knn_acc", "psnr") if k in metrics}
-        bar.write(f"epoch {epoch}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        progress.advance(task)
+        keys = ("loss", "mask_ratio", "linear_probe_acc", "knn_acc", "finetune_acc", "psnr")
+        shown = {k: metrics[k] for k in keys if k in metrics}
+        progress.console.print(f"epoch {epoch}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()),
+                               highlight=False)
 
-    trainer.fit(on_epoch_end)
-    bar.close()
+    with progress:
+        trainer.fit(on_epoch_end)
     grid = trainer.save_reconstruction(out / "reconstruction.png")
     console.print(f"done: checkpoint {ckpt}, metrics {out / 'metrics.jsonl'}, grid {grid}")
 

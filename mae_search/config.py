@@ -24,8 +24,10 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Encoder/decoder geometry. Defaults are the tiny CPU preset."""
+    """Encoder/decoder geometry. Defaults are the tiny CPU preset; ``preset: vit-b16`` (see PRESETS)
+    sets the whole geometry, and keys given beside it override the preset's."""
 
+    preset: str | None = None
     img_size: int = Field(32, ge=8)
     patch_size: int = Field(4, ge=1)
     in_chans: int = Field(3, ge=1)
@@ -36,6 +38,16 @@ class ModelConfig(_Strict):
     decoder_depth: int = Field(2, ge=1)
     decoder_num_heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+            data = {**PRESETS[name], **data}
+        return data
 
     @model_validator(mode="after")
     def _check_geometry(self) -> ModelConfig:
@@ -218,9 +230,19 @@ class TrainConfig(_Strict):
             raise ConfigError(describe_validation_error(exc, source)) from None
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> TrainConfig:
-        """Return a copy with dotted-key overrides applied and re-validated."""
+        """Return a copy with dotted-key overrides applied and re-validated.
+
+        A new ``model.preset`` replaces the whole geometry (then other ``model.*``
+        overrides apply on top), so a preset can be a search dimension.
+        """
         raw = self.model_dump()
-        for dotted, value in overrides.items():
+        for dotted, value in sorted(overrides.items(), key=lambda kv: kv[0] != "model.preset"):
+            if dotted == "model.preset":
+                if value not in PRESETS:
+                    raise ConfigError(f"{source}: model.preset: unknown model preset {value!r} "
+                                      f"(known: {', '.join(PRESETS)})")
+                raw["model"] = ModelConfig(preset=value).model_dump()
+                continue
             set_dotted(raw, dotted, value, source)
         return TrainConfig.from_dict(raw, source=source)
 
@@ -285,4 +307,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig(preset=name, **overrides)

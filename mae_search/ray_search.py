@@ -160,15 +160,19 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
-def make_searcher(space: SearchSpace) -> Any:
-    """OptunaSearch with the file's sampler (multi-objective when several objectives are given)."""
-    if space.is_grid:
-        return None
+OPTUNA_FILE = "optuna.db"  # the persisted Optuna study, beside the results table
+
+
+def optuna_storage_url(search_dir: str | Path) -> str:
+    """Where a search's Optuna study lives: open it with ``optuna-dashboard URL`` or ``optuna.load_study``."""
+    return f"sqlite:///{Path(search_dir).expanduser().resolve() / OPTUNA_FILE}"
+
+
+def make_sampler(space: SearchSpace) -> Any:
+    """The file's Optuna sampler, seeded with the search's first seed."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     seed = space.seeds[0]
-    points = space.initial_points or None
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -176,16 +180,29 @@ def make_searcher(space: SearchSpace) -> Any:
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
     }
+    return samplers[space.sampler]()
+
+
+def make_searcher(space: SearchSpace, search_dir: str | Path) -> Any:
+    """OptunaSearch with the file's sampler (multi-objective when several objectives are given).
+
+    The study is persisted in ``<search dir>/optuna.db`` under the search's name
+    (Ray keeps Optuna's studies in memory by default), so optuna-dashboard and
+    ``optuna.load_study`` open a running or finished search, and a resumed
+    search continues the sampler's history from it.
+    """
+    if space.is_grid:
+        return None
+    from optuna.storages import RDBStorage
+    from ray.tune.search.optuna import OptunaSearch
+
+    Path(search_dir).mkdir(parents=True, exist_ok=True)
+    common = dict(sampler=make_sampler(space), points_to_evaluate=space.initial_points or None,
+                  study_name=space.name, storage=RDBStorage(optuna_storage_url(search_dir)))
     objectives = space.objectives
     if len(objectives) == 1:
-        # metric/mode come from TuneConfig for a single objective.
-        return OptunaSearch(sampler=samplers[space.sampler](), points_to_evaluate=points)
-    return OptunaSearch(
-        sampler=samplers[space.sampler](),
-        points_to_evaluate=points,
-        metric=[o.metric for o in objectives],
-        mode=[o.mode for o in objectives],
-    )
+        return OptunaSearch(**common)  # metric/mode come from TuneConfig for a single objective.
+    return OptunaSearch(**common, metric=[o.metric for o in objectives], mode=[o.mode for o in objectives])
 
 
 def make_scheduler(space: SearchSpace, epochs: int) -> Any:
@@ -270,7 +287,7 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurre
         tune_config=tune.TuneConfig(
             metric=space.primary.metric if single else None,
             mode=space.primary.mode if single else None,
-            search_alg=make_searcher(space),
+            search_alg=make_searcher(space, Path(storage) / space.name),
             scheduler=make_scheduler(space, base.epochs),
             num_samples=space.num_samples,
             max_concurrent_trials=concurrency,

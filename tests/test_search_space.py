@@ -117,21 +117,27 @@ def test_concurrency_respects_cluster(tmp_path):
 
 
 def test_searchers_follow_the_file(tmp_path):
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from mae_search.ray_search import make_scheduler, make_searcher
+    from mae_search.ray_search import make_sampler, make_scheduler, make_searcher, optuna_storage_url
 
     grid = load_search_space(write(tmp_path, VALID))
-    assert make_searcher(grid) is None  # a grid runs every value, no search algorithm
+    assert make_searcher(grid, tmp_path / "grid") is None  # a grid runs every value, no search algorithm
     two = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}").replace(
         "metric: linear_probe_acc\nmode: max\n",
         "objectives: [{metric: linear_probe_acc, mode: max}, {metric: pretrain_time_s, mode: min}]\n"
         "scheduler: {type: none}\nsampler: nsga2\n")
     space = load_search_space(write(tmp_path, two))
-    searcher = make_searcher(space)
-    assert isinstance(searcher, OptunaSearch)
-    assert searcher._metric == ["linear_probe_acc", "pretrain_time_s"] and searcher._mode == ["max", "min"]
-    assert type(searcher._sampler).__name__ == "NSGAIISampler"
+    searcher = make_searcher(space, tmp_path / "search")
+    assert isinstance(searcher, OptunaSearch) and isinstance(make_sampler(space), optuna.samplers.NSGAIISampler)
+    searcher.set_search_properties(None, None, param_space(space))
+    config = searcher.suggest("trial-1")
+    assert 0.5 <= config["masking.mask_ratio"] <= 0.9
+    # The study is persisted under the search's name, with both directions, as optuna-dashboard would open it.
+    study = optuna.load_study(study_name="t", storage=optuna_storage_url(tmp_path / "search"))
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert [t.params["masking.mask_ratio"] for t in study.trials] == [config["masking.mask_ratio"]]
     assert make_scheduler(space, 3) is None
     with pytest.raises(ConfigError, match="ASHA needs a single metric"):
         load_search_space(write(tmp_path, two.replace("scheduler: {type: none}\n", "")))
@@ -159,3 +165,19 @@ def test_embedding_width_without_sincos_is_refused_before_ray(tmp_path):
     bad = bad.replace("base: {epochs: 3}", "base: {epochs: 3, model: {num_heads: 2}}")
     with pytest.raises(ConfigError, match=r"dimensions.model.embed_dim: value 102 is invalid .*not divisible by 4"):
         load_search_space(write(tmp_path, bad))
+
+
+def test_model_presets_in_space_files_with_overrides_and_as_a_dimension(tmp_path):
+    preset = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, model: {preset: vit-b16, decoder_depth: 4}}")
+    model = load_search_space(write(tmp_path, preset)).base_config().model
+    assert (model.embed_dim, model.depth, model.decoder_embed_dim, model.decoder_depth) == (768, 12, 512, 4)
+    grid = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.preset: {grid: [tiny, small]}")
+    space = load_search_space(write(tmp_path, grid))
+    assert space.trial_config({"model.preset": "small"}, seed=0).model.embed_dim == 192
+    assert space.trial_config({"model.preset": "tiny"}, seed=0).model.embed_dim == 96
+    unknown = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, model: {preset: vit-q7}}")
+    with pytest.raises(ConfigError, match=r"space.yaml: base: model: unknown model preset 'vit-q7' \(known: tiny,"):
+        load_search_space(write(tmp_path, unknown))
+    bad_dim = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.preset: {grid: [tiny, vit-q7]}")
+    with pytest.raises(ConfigError, match=r"dimensions.model.preset: value 'vit-q7' is invalid"):
+        load_search_space(write(tmp_path, bad_dim))

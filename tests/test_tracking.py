@@ -1,5 +1,7 @@
 """MLflow tracking against a real server on loopback and the embedded store."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from mae_search.results import read_results
+from mae_search.results import ResultsTableCallback, read_results
 from mae_search.search_space import load_search_space
 from mae_search.tracking import MLflowSearchCallback, TrackingError, check_tracking, load_encoder
 from tests.conftest import ASHA_BLR_BODY, cli, micro_space
@@ -22,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVERS: dict[str, subprocess.Popen] = {}
+
+
+def mlflow_server_stop(uri: str) -> None:
+    """Kill a server started by the fixture (to test what happens when tracking goes away)."""
+    proc = SERVERS.pop(uri)
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers
+    proc.wait(timeout=20)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback with its stores in a temp dir; stopped afterwards."""
@@ -30,10 +42,11 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its workers in one group
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    SERVERS[uri] = proc
+    deadline = time.time() + 180  # a loaded 2-core machine can take over a minute
     while time.time() < deadline:
         try:
             urllib.request.urlopen(uri + "/health", timeout=1)
@@ -46,11 +59,13 @@ def mlflow_server(tmp_path):
         proc.kill()
         raise RuntimeError("mlflow server did not come up")
     yield uri
-    proc.terminate()
+    if SERVERS.pop(uri, None) is None:
+        return  # the test stopped it
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def runs_of(client: MlflowClient, experiment: str):
@@ -127,16 +142,34 @@ def test_unreachable_server_fails_at_start(tmp_path):
         check_tracking(f"sqlite:///{blocker / 'x.db'}")
 
 
-def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+@pytest.mark.slow
+def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch, mlflow_server, caplog):
+    """The server dies after the parent and a child run exist: the next calls warn once, tracking stops,
+    nothing raises into Tune, and the results table (written by its own callback) is complete."""
     space = load_search_space(micro_space(tmp_path, "broken", "dimensions: {}\nmetric: loss\nmode: min\n"))
-    callback = MLflowSearchCallback(f"http://127.0.0.1:{free_port()}", space, tmp_path, "x.yaml", max_epochs=3)
-    callback.setup()  # the server is gone: warn and disable, do not raise
-    assert callback.disabled
+    search_dir = tmp_path / "results" / "broken"
+    tracking = MLflowSearchCallback(mlflow_server, space, search_dir, "x.yaml", max_epochs=2)
+    table = ResultsTableCallback(search_dir, space.name, 2, space)
+    callbacks = [table, tracking]
+    for cb in callbacks:
+        cb.setup()
 
     class Trial:
-        trial_id, config, error_file = "t1", {"seed": 0}, None
+        trial_id, config, error_file, status = "t1", {"seed": 0}, None, "TERMINATED"
 
-    callback.on_trial_result(0, [], Trial(), {"epoch": 1, "training_iteration": 1, "loss": 1.0})
-    callback.on_trial_complete(0, [], Trial())
-    callback.on_experiment_end([])
+    for cb in callbacks:
+        cb.on_trial_start(0, [], Trial()) if hasattr(cb, "on_trial_start") else None
+        cb.on_trial_result(0, [], Trial(), {"epoch": 1, "training_iteration": 1, "loss": 1.0})
+    assert not tracking.disabled and "t1" in tracking.children  # tracked while the server was up
+    mlflow_server_stop(mlflow_server)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with caplog.at_level("WARNING"):
+        for cb in callbacks:
+            cb.on_trial_result(0, [], Trial(), {"epoch": 2, "training_iteration": 2, "loss": 0.5})
+            cb.on_trial_complete(0, [], Trial())
+            cb.on_experiment_end([Trial()])
+    assert tracking.disabled
+    warnings = [r for r in caplog.records if "tracking disabled" in r.getMessage()]
+    assert len(warnings) == 1 and str(search_dir) in warnings[0].getMessage()
+    assert read_results(search_dir)[["epoch", "status"]].values.tolist() == [[1, "completed"], [2, "completed"]]
