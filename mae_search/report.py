@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mae_search.metrics import BY_NAME, REGISTRY, Metric, metric
 from mae_search.results import (
     RESULTS_FILE,
     SPACE_FILE,
@@ -45,31 +46,7 @@ class ReportError(ValueError):
     """The report cannot be built from what was given; one line."""
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    key: str
-    label: str
-    higher_is_better: bool
-    scale: float = 1.0
-    digits: int = 3
-    in_tables: bool = True  # False: recorded and plotted, but not a column of the ablation tables
-
-
-METRICS = (
-    MetricSpec("linear_probe_acc", "LP top-1 (%)", True, 100.0, 1),
-    MetricSpec("finetune_acc", "FT top-1 (%)", True, 100.0, 1),
-    MetricSpec("partial_finetune_acc", "partial FT top-1 (%)", True, 100.0, 1),
-    MetricSpec("knn_acc", "k-NN top-1 (%)", True, 100.0, 1),
-    MetricSpec("test_mse", "held-out masked MSE", False, 1.0, 4),
-    MetricSpec("psnr", "PSNR (dB)", True, 1.0, 2),
-    MetricSpec("psnr_true_stats", "PSNR, true patch stats (dB)", True, 1.0, 2),
-    MetricSpec("masked_hf_error", "masked HF error, true patch stats", False, 1.0, 4),
-    MetricSpec("mse", "train masked MSE (last epoch)", False, 1.0, 4, in_tables=False),
-    MetricSpec("pretrain_time_s", "pretrain time (s)", False, 1.0, 1),
-    MetricSpec("finetune_time_s", "FT time (s)", False, 1.0, 1),
-    MetricSpec("throughput_img_s", "img/s", True, 1.0, 0, in_tables=False),
-)
-METRIC_BY_KEY = {m.key: m for m in METRICS}
+METRICS = REGISTRY
 REFERENCE_LABELS = {"random_init": "random-init encoder (reference)", "raw_pixels": "raw pixels (reference)"}
 
 
@@ -183,8 +160,8 @@ def _parse(text: str) -> Any:
 def normalise(df: pd.DataFrame) -> pd.DataFrame:
     """Keep the columns both sources share, in one order and dtype, sorted by trial and epoch."""
     params = sorted(c for c in df.columns if c.startswith("param."))
-    metrics = [m.key for m in METRICS if m.key in df.columns]
-    extra = [c for c in ("loss", "mask_ratio", "trial_time_s") if c in df.columns]
+    metrics = [m.name for m in METRICS if m.name in df.columns]
+    extra = [c for c in ("mask_ratio", "trial_time_s") if c in df.columns]
     cols = ["search", "trial_id", "status", "reference", "seed", "epoch", *params, *metrics, *extra]
     out = df[[c for c in cols if c in df.columns]].copy()
     if "reference" in out:
@@ -241,7 +218,7 @@ def fmt_setting(value: Any) -> str:
     return str(value)
 
 
-def fmt_metric(spec: MetricSpec, values: pd.Series) -> str:
+def fmt_metric(spec: Metric, values: pd.Series) -> str:
     v = values.dropna() * spec.scale
     if v.empty:
         return "-"
@@ -321,8 +298,8 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     """
     final = final_rows(table)
     done = final[final["status"] == STATUS_COMPLETED]
-    primary = METRIC_BY_KEY.get(space.primary.metric)
-    metrics = [m for m in METRICS if m.in_tables and (m.key in done.columns or m.key in refs.columns)]
+    primary = BY_NAME.get(space.primary.metric)
+    metrics = [m for m in METRICS if m.in_tables and (m.name in done.columns or m.name in refs.columns)]
     declared = _expected_settings(space, cols)  # the file's order (original first, as written)
     settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)},
                       key=lambda s: (declared.index(s), ()) if s in declared else (len(declared), _sort_key(s)))
@@ -336,7 +313,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     for kind, label in REFERENCE_LABELS.items():
         group = refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]
         if not group.empty:
-            rows.append([label, str(len(group)), *[fmt_metric(m, group[m.key]) if m.key in group else "-"
+            rows.append([label, str(len(group)), *[fmt_metric(m, group[m.name]) if m.name in group else "-"
                                                    for m in metrics], *(["-"] if with_delta else []), "-"])
     first_setting = len(rows)
     groups = []
@@ -347,7 +324,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
         groups.append(group)
         label = setting_label(pd.Series(dict(zip(cols, setting, strict=True))), cols)
         row = [label + (" (baseline)" if baseline == setting else ""), str(len(group))]
-        row += [fmt_metric(m, group[m.key]) if m.key in group else "-" for m in metrics]
+        row += [fmt_metric(m, group[m.name]) if m.name in group else "-" for m in metrics]
         if with_delta:
             row.append(_delta_cell(final, cols, baseline, setting, group, primary))
         stopped = int((group_all["status"] == STATUS_STOPPED).sum())
@@ -367,13 +344,13 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     if margins:
         report.text(margins)
     missing = [label for label, g in zip(labels, groups, strict=True)
-               if primary is None or g.empty or g[primary.key].isna().all()]
+               if primary is None or g.empty or g[primary.name].isna().all()]
     missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in declared if s not in settings]
     if missing:
         report.text(f"**Missing**: no finished trial yet for {', '.join(missing)}.")
 
 
-def _paired_text(diff: tuple[float, float, int] | None, spec: MetricSpec) -> str:
+def _paired_text(diff: tuple[float, float, int] | None, spec: Metric) -> str:
     if diff is None:
         return "n/a"
     mean, half, n = diff
@@ -381,18 +358,18 @@ def _paired_text(diff: tuple[float, float, int] | None, spec: MetricSpec) -> str
     return f"{mean * spec.scale:+.{spec.digits}f}{ci} (n={n})"
 
 
-def separable_best(groups: list[pd.DataFrame], labels: list[str], spec: MetricSpec | None,
+def separable_best(groups: list[pd.DataFrame], labels: list[str], spec: Metric | None,
                    mode: str) -> tuple[int | None, str]:
     """Index of the best setting if its paired interval against the runner-up excludes zero, and the verdict."""
     if spec is None:
         return None, ""
-    means = [g[spec.key].mean() if spec.key in g and not g.empty else float("nan") for g in groups]
+    means = [g[spec.name].mean() if spec.name in g and not g.empty else float("nan") for g in groups]
     ranked = sorted((i for i, m in enumerate(means) if not math.isnan(m)),
                     key=lambda i: -means[i] if mode == "max" else means[i])
     if len(ranked) < 2:
         return (ranked[0] if ranked else None), ""
     best, runner = ranked[0], ranked[1]
-    diff = paired_difference(groups[best], groups[runner], spec.key)
+    diff = paired_difference(groups[best], groups[runner], spec.name)
     delta = _paired_text(diff, spec)
     if diff is None or math.isnan(diff[1]) or abs(diff[0]) <= diff[1]:
         return None, (f"**Not separable at this n**: the best {spec.label}, {labels[best]}, and the runner-up, "
@@ -406,7 +383,7 @@ def reference_margins(groups: list[pd.DataFrame], labels: list[str], refs: pd.Da
         return ""
     parts = []
     for key in ("linear_probe_acc", "finetune_acc"):
-        spec = METRIC_BY_KEY[key]
+        spec = BY_NAME[key]
         for kind in ("random_init", "raw_pixels"):
             ref = refs[refs["reference"] == kind]
             if key not in ref or ref[key].isna().all():
@@ -439,12 +416,12 @@ def _expected_settings(space: SearchSpace, cols: list[str]) -> list[tuple]:
     return [(v,) for v in dim.values] if dim else []
 
 
-def _delta_cell(final, cols, baseline, setting, group, primary: MetricSpec) -> str:
+def _delta_cell(final, cols, baseline, setting, group, primary: Metric) -> str:
     if setting == baseline:
         return "-"
     base_mask = final[cols[0]] == baseline[0]
     base = final[base_mask & (final["status"] == STATUS_COMPLETED)]
-    return _paired_text(paired_difference(group, base, primary.key), primary)
+    return _paired_text(paired_difference(group, base, primary.name), primary)
 
 
 def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> None:
@@ -469,10 +446,10 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
         return
     done = done.sort_values([metric, "trial_id"], ascending=[space.primary.mode == "min", True]).head(top)
     params = [c for c in done.columns if c.startswith("param.")]
-    metrics = [m for m in METRICS if m.key in done.columns]
+    metrics = [m for m in METRICS if m.name in done.columns]
     headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
     rows = [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
-             *[fmt_metric(m, pd.Series([r[m.key]])) for m in metrics]] for _, r in done.iterrows()]
+             *[fmt_metric(m, pd.Series([r[m.name]])) for m in metrics]] for _, r in done.iterrows()]
     report.heading("Best trials")
     report.table(Table("best_trials", headers, rows, 0 if rows else None))
 
@@ -534,9 +511,9 @@ def pareto_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> pd.
     front = pareto_front(done, space.primary.metric, space.primary.mode)
     if front.empty:
         return front
-    spec = METRIC_BY_KEY.get(space.primary.metric, MetricSpec(space.primary.metric, space.primary.metric, True))
+    spec = metric(space.primary.metric)
     params = [c for c in front.columns if c.startswith("param.")]
-    rows = [[r["trial_id"], f"{r['pretrain_time_s']:.1f}", fmt_metric(spec, pd.Series([r[spec.key]])),
+    rows = [[r["trial_id"], f"{r['pretrain_time_s']:.1f}", fmt_metric(spec, pd.Series([r[spec.name]])),
              *[fmt_setting(_round(r[p])) for p in params]] for _, r in front.iterrows()]
     report.heading("Accuracy vs pretraining time: Pareto front")
     headers = ["trial", "pretrain time (s)", spec.label, *[p.removeprefix("param.") for p in params]]
@@ -561,7 +538,7 @@ def _png(fig) -> bytes:
 def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
     cols = factor_columns(space, table)
     done = completed_final(table)
-    spec = METRIC_BY_KEY.get(space.primary.metric)
+    spec = BY_NAME.get(space.primary.metric)
     if len(cols) != 1 or done.empty or spec is None:
         return None
     import matplotlib
@@ -569,7 +546,7 @@ def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grouped = done.groupby(cols[0])[spec.key].agg(["mean", "std", "count"]).reset_index()
+    grouped = done.groupby(cols[0])[spec.name].agg(["mean", "std", "count"]).reset_index()
     declared = [v for (v,) in _expected_settings(space, cols)]
     grouped = grouped.sort_values(cols[0], key=lambda s: s.map(
         lambda v: (declared.index(v), ()) if v in declared else (len(declared), _sort_key((v,)))))

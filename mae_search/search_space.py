@@ -26,16 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mae_search.config import ConfigError, TrainConfig, describe_validation_error, known_parameters
-
-METRICS = (
-    "loss", "mse", "freq_loss", "unif_loss", "linear_probe_acc", "knn_acc", "finetune_acc", "partial_finetune_acc",
-    "test_mse", "psnr", "psnr_true_stats", "masked_hf_error", "pretrain_time_s", "finetune_time_s",
-    "partial_finetune_time_s", "throughput_img_s",
-)
-
-
-EVAL_METRICS = ("linear_probe_acc", "knn_acc", "test_mse", "psnr", "psnr_true_stats", "masked_hf_error")
-FINETUNE_METRICS = {"finetune_acc": "finetune", "partial_finetune_acc": "partial_finetune"}
+from mae_search.metrics import BY_NAME, NAMES
 
 
 class _Strict(BaseModel):
@@ -90,8 +81,8 @@ class Objective(_Strict):
 
     @model_validator(mode="after")
     def _known_metric(self) -> Objective:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric '{self.metric}' (known: {', '.join(METRICS)})")
+        if self.metric not in BY_NAME:
+            raise ValueError(f"unknown metric '{self.metric}' (known: {', '.join(NAMES)})")
         return self
 
 
@@ -258,14 +249,14 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
             raise ConfigError(f"{source}: initial_points[{i}]: {str(exc).removeprefix(': ')}") from None
     if space.initial_points and space.is_grid:
         raise ConfigError(f"{source}: initial_points: only for Optuna searches (a grid runs every value anyway)")
-    evaluated = space.primary.metric in EVAL_METRICS
+    evaluated = BY_NAME[space.primary.metric].source == "eval"
     if evaluated and space.scheduler.type == "asha" and base.eval.every_epochs != 1:
         raise ConfigError(
             f"{source}: base.eval.every_epochs must be 1 when ASHA decides on '{space.primary.metric}' every epoch"
         )
     for objective in space.objectives:
-        variant = FINETUNE_METRICS.get(objective.metric)
-        if variant is None:
+        variant = BY_NAME[objective.metric].source
+        if variant not in ("finetune", "partial_finetune"):
             continue
         at = getattr(base.eval, variant).at
         if at == "never" or (space.scheduler.type == "asha" and at != "every_eval"):

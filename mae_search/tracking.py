@@ -199,8 +199,8 @@ class MLflowSearchCallback(Callback):
 
     def _log_references(self) -> None:
         """Reference rows (random-init encoder, raw pixels) as finished child runs, once each."""
+        from mae_search.metrics import NAMES
         from mae_search.results import RESULTS_FILE, read_results, reference_rows
-        from mae_search.search_space import METRICS
 
         path = self.search_dir / RESULTS_FILE
         if not path.is_file():
@@ -216,7 +216,7 @@ class MLflowSearchCallback(Callback):
                                          run_name=f"reference: {row['reference']} (seed {int(row['seed'])})")
             from mlflow.entities import Metric
 
-            metrics = [Metric(k, float(row[k]), now, 0) for k in METRICS if k in row and pd_notna(row[k])]
+            metrics = [Metric(k, float(row[k]), now, 0) for k in NAMES if k in row and pd_notna(row[k])]
             self.client.log_batch(run.info.run_id, metrics=metrics)
             self.client.set_terminated(run.info.run_id, "FINISHED")
             self.children[row["trial_id"]] = run.info.run_id

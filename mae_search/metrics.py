@@ -1,0 +1,56 @@
+"""The one registry of what a trial reports: name, label, unit, direction, and where it comes from.
+
+Validation (which metrics a space may optimise), the results table and MLflow
+(which keys are metrics), and the report (labels, units, digits, columns)
+all read this list, so a new metric is one line here plus the code that
+computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Source = Literal["train", "eval", "finetune", "partial_finetune", "time"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str  # column header, unit included
+    mode: Literal["max", "min"]  # which direction is better
+    source: Source  # train: every epoch; eval: evaluation epochs; (partial_)finetune: when that variant runs
+    scale: float = 1.0  # stored value x scale = shown value (fractions are shown in %)
+    digits: int = 3
+    in_tables: bool = True  # a column of the report's ablation tables
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.mode == "max"
+
+
+REGISTRY: tuple[Metric, ...] = (
+    Metric("linear_probe_acc", "LP top-1 (%)", "max", "eval", 100.0, 1),
+    Metric("finetune_acc", "FT top-1 (%)", "max", "finetune", 100.0, 1),
+    Metric("partial_finetune_acc", "partial FT top-1 (%)", "max", "partial_finetune", 100.0, 1),
+    Metric("knn_acc", "k-NN top-1 (%)", "max", "eval", 100.0, 1),
+    Metric("test_mse", "held-out masked MSE", "min", "eval", 1.0, 4),
+    Metric("psnr", "PSNR (dB)", "max", "eval", 1.0, 2),
+    Metric("psnr_true_stats", "PSNR, true patch stats (dB)", "max", "eval", 1.0, 2),
+    Metric("masked_hf_error", "masked HF error, true patch stats", "min", "eval", 1.0, 4),
+    Metric("loss", "train loss (last epoch)", "min", "train", 1.0, 4, in_tables=False),
+    Metric("mse", "train masked MSE (last epoch)", "min", "train", 1.0, 4, in_tables=False),
+    Metric("freq_loss", "train Laplacian L1 (last epoch)", "min", "train", 1.0, 4, in_tables=False),
+    Metric("unif_loss", "train uniformity (last epoch)", "min", "train", 1.0, 4, in_tables=False),
+    Metric("pretrain_time_s", "pretrain time (s)", "min", "time", 1.0, 1),
+    Metric("finetune_time_s", "FT time (s)", "min", "finetune", 1.0, 1),
+    Metric("partial_finetune_time_s", "partial FT time (s)", "min", "partial_finetune", 1.0, 1, in_tables=False),
+    Metric("throughput_img_s", "img/s", "max", "train", 1.0, 0, in_tables=False),
+)
+BY_NAME: dict[str, Metric] = {m.name: m for m in REGISTRY}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+
+def metric(name: str) -> Metric:
+    """The registered metric, or a plain one (label = name) for a key the registry does not know."""
+    return BY_NAME.get(name, Metric(name, name, "max", "train"))
