@@ -161,7 +161,7 @@ class PartialFinetuneConfig(FinetuneConfig):
 class ProbeConfig(_Strict):
     """Linear probe as the paper: frozen CLS token, BatchNorm without affine (eps 1e-6), linear head."""
 
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(100, ge=1, description="over the labelled split; small splits need more than ImageNet's 90")
     pool: Literal["cls", "mean"] = "cls"
     lr: float = Field(0.1, gt=0.0, description="SGD (momentum 0.9), cosine schedule, batch 256")
 
