@@ -40,7 +40,7 @@ SPACE = {
 
 def search(name: str, scheduler: dict, trials: int, storage: Path) -> tuple[float, object]:
     space = parse_search_space({**SPACE, "name": name, "num_samples": trials, "scheduler": scheduler}, name)
-    callback = ResultsTableCallback(storage / name, name, space.base_config().epochs, space)
+    callback = ResultsTableCallback(storage / name, name, space.base.epochs, space)
     start = time.perf_counter()
     run_search(space, storage, callbacks=[callback])
     return time.perf_counter() - start, final_rows(read_results(storage / name))

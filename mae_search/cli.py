@@ -121,7 +121,7 @@ def search(
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         search_dir = storage.expanduser().resolve() / space.name
-        max_epochs = space.scheduler.max_epochs or space.base_config().epochs
+        max_epochs = space.scheduler.max_epochs or space.base.epochs
         callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space)]
         if mlflow:
             uri = resolve_tracking_uri(tracking_uri, storage)

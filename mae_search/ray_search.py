@@ -102,7 +102,7 @@ def run_references(space: SearchSpace, search_dir: Path) -> int:
         return 0
     res = space.resources
     task = ray.remote(reference_task).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
-    configs = {seed: space.base_config().with_overrides({"seed": seed}) for seed, _ in todo}
+    configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
     futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
     rows = [(seed, kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, ray.get(futures), strict=True)]
     record_references(search_dir, space.name, rows)
@@ -279,7 +279,7 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurre
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
     )
-    base = space.base_config()
+    base = space.base
     single = len(space.objectives) == 1
     return tune.Tuner(
         trainable,

@@ -106,7 +106,7 @@ class SearchSpace(_Strict):
     description: str = ""
     factor: str | None = Field(None, description="the ablated parameter a report table is built around")
     baseline: Any = Field(None, description="the factor's reference setting for paired comparisons")
-    base: dict[str, Any] = Field(default_factory=dict)
+    base: TrainConfig = Field(default_factory=TrainConfig, description="the configuration every trial starts from")
     dimensions: dict[str, Dimension] = Field(default_factory=dict)
     metric: str | None = None
     mode: Literal["max", "min"] | None = None
@@ -152,9 +152,6 @@ class SearchSpace(_Strict):
             return self.factor
         return next(iter(self.dimensions)) if len(self.dimensions) == 1 else None
 
-    def base_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.base, source="base")
-
     def trial_config(self, params: dict[str, Any], seed: int) -> TrainConfig:
         """Resolve a trial's parameters (variant names expand to their settings) into a TrainConfig."""
         overrides: dict[str, Any] = {}
@@ -164,7 +161,7 @@ class SearchSpace(_Strict):
                 overrides.update(dim.variants[value])
             else:
                 overrides[key] = value
-        return self.base_config().with_overrides({**overrides, "seed": seed}, source=f"search '{self.name}'")
+        return self.base.with_overrides({**overrides, "seed": seed}, source=f"search '{self.name}'")
 
     def grid_size(self) -> int:
         return math.prod(len(d.values) for d in self.dimensions.values()) if self.is_grid else 0
@@ -208,10 +205,7 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         space = SearchSpace.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from None
-    try:
-        base = space.base_config()
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    base = space.base
     known = set(known_parameters(base))
     for key, dim in space.dimensions.items():
         if dim.kind == "variants":

@@ -100,7 +100,7 @@ def test_asha_needs_per_epoch_evaluation(tmp_path):
 
 def test_overrides_apply_to_base(tmp_path):
     space = load_search_space(write(tmp_path, VALID), overrides={"data.num_train": 64})
-    assert space.base_config().data.num_train == 64
+    assert space.base.data.num_train == 64
     with pytest.raises(ConfigError, match="unknown parameter 'data.nope'"):
         load_search_space(write(tmp_path, VALID), overrides={"data.nope": 1})
 
@@ -169,14 +169,14 @@ def test_embedding_width_without_sincos_is_refused_before_ray(tmp_path):
 
 def test_model_presets_in_space_files_with_overrides_and_as_a_dimension(tmp_path):
     preset = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, model: {preset: vit-b16, decoder_depth: 4}}")
-    model = load_search_space(write(tmp_path, preset)).base_config().model
+    model = load_search_space(write(tmp_path, preset)).base.model
     assert (model.embed_dim, model.depth, model.decoder_embed_dim, model.decoder_depth) == (768, 12, 512, 4)
     grid = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.preset: {grid: [tiny, small]}")
     space = load_search_space(write(tmp_path, grid))
     assert space.trial_config({"model.preset": "small"}, seed=0).model.embed_dim == 192
     assert space.trial_config({"model.preset": "tiny"}, seed=0).model.embed_dim == 96
     unknown = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, model: {preset: vit-q7}}")
-    with pytest.raises(ConfigError, match=r"space.yaml: base: model: unknown model preset 'vit-q7' \(known: tiny,"):
+    with pytest.raises(ConfigError, match=r"space.yaml: base.model: unknown model preset 'vit-q7' \(known: tiny,"):
         load_search_space(write(tmp_path, unknown))
     bad_dim = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.preset: {grid: [tiny, vit-q7]}")
     with pytest.raises(ConfigError, match=r"dimensions.model.preset: value 'vit-q7' is invalid"):
