@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -116,18 +117,19 @@ def search(
     from mae_search.ray_search import init_ray, run_search
     from mae_search.results import ResultsTableCallback, final_rows, read_results
     from mae_search.search_space import load_search_space
-    from mae_search.tracking import MLflowSearchCallback, check_tracking, resolve_tracking_uri
+    from mae_search.tracking import MLflowSearchCallback, check_tracking, configure_tracking, resolve_tracking_uri
 
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         search_dir = storage.expanduser().resolve() / space.name
         max_epochs = space.scheduler.max_epochs or space.base.epochs
-        callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space)]
-        if mlflow:
-            uri = resolve_tracking_uri(tracking_uri, storage)
+        uri = resolve_tracking_uri(tracking_uri, storage) if mlflow else None
+        if uri:
             check_tracking(uri)
-            callbacks.append(MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs))
             console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
+        configure_tracking(uri)  # also what a resumed search's restored callback logs to
+        callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space),
+                     MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs)]
         console.print(
             f"search [bold]{space.name}[/]: {space.total_trials()} trials "
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
@@ -146,9 +148,10 @@ def search(
     console.print(f"{len(table)} trials in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
     unfinished = int((table["status"] == "running").sum())
     if unfinished or len(table) < space.total_trials():
+        sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
         console.print(
             f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "
-            f"mae-search search {space_file} --storage {storage} --resume"
+            f"mae-search search {space_file} --storage {storage}{sets} --resume"
         )
 
 

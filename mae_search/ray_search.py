@@ -13,6 +13,7 @@ because its Train run keeps the same name), and ``results.parquet``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -303,6 +304,40 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurre
     )
 
 
+PLAN_FILE = "plan.json"  # the concurrency a search was planned with
+
+
+def first_difference(recorded: Any, given: Any, prefix: str = "") -> str | None:
+    """The first dotted key where two JSON-like values differ, shown with both values; None if equal."""
+    if isinstance(recorded, dict) and isinstance(given, dict):
+        for key in sorted(set(recorded) | set(given)):
+            found = first_difference(recorded.get(key), given.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if recorded == given else f"{prefix[:-1]} (recorded {recorded!r}, now {given!r})"
+
+
+def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> None:
+    """--resume continues exactly the recorded search: refuse, in one line, anything that would mix
+    configurations (a changed file or --set) or hang it (a cluster too small for its concurrent trials)."""
+    record = exp_dir / SPACE_FILE
+    if not record.is_file():
+        raise ConfigError(f"search '{space.name}': {record} is missing, so there is no record to resume")
+    recorded = json.loads(record.read_text())
+    diff = first_difference(recorded, json.loads(space.model_dump_json()))
+    if diff:
+        raise ConfigError(f"search '{space.name}': --resume continues the recorded configuration ({record}), "
+                          f"but the space file and --set now differ at {diff}; resume without changes, or start "
+                          f"a new search (another name or --storage)")
+    plan_file = exp_dir / PLAN_FILE
+    planned = json.loads(plan_file.read_text())["concurrency"] if plan_file.is_file() else 1
+    if plan.concurrency < planned:
+        raise ConfigError(f"search '{space.name}' runs {planned} trials at once, but this cluster holds "
+                          f"{plan.concurrency} ({plan.cpus:g} CPU, {plan.gpus:g} GPU): resume on a cluster that "
+                          f"holds {planned}")
+
+
 def run_search(
     space: SearchSpace,
     storage: str | Path,
@@ -324,6 +359,7 @@ def run_search(
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
+        check_resumable(space, exp_dir, plan)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
         )
@@ -334,8 +370,9 @@ def run_search(
                 f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
             )
         tuner = build_tuner(space, storage, callbacks or [], plan.concurrency)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))  # the record --resume checks against
+        (exp_dir / PLAN_FILE).write_text(json.dumps({"concurrency": plan.concurrency}))
     run_references(space, exp_dir)
     grid = tuner.fit()
     return grid, time.time() - started

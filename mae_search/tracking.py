@@ -111,10 +111,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class MLflowSearchCallback(Callback):
-    """Mirrors a Tune search into MLflow (parent run + nested child run per trial)."""
+# The tracking store of the driver process now running, set by the CLI before each run (None: MLflow off).
+# Tune pickles its callbacks with the experiment and restores them on --resume; reading the store from
+# here at setup (not from the pickled instance) makes --tracking-uri and --no-mlflow given on resume
+# take effect.
+_ACTIVE = {"configured": False, "uri": None}
 
-    def __init__(self, tracking_uri: str, space: Any, search_dir: str | Path, space_file: str | Path,
+
+def configure_tracking(uri: str | None) -> None:
+    """Where this driver process logs (None: not at all); read by every MLflowSearchCallback at setup."""
+    _ACTIVE.update(configured=True, uri=uri)
+
+
+class MLflowSearchCallback(Callback):
+    """Mirrors a Tune search into MLflow (parent run + nested child run per trial).
+
+    A search always carries one, so tracking can be switched on or moved on resume; with MLflow off
+    (``configure_tracking(None)``) it does nothing.
+    """
+
+    def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path, space_file: str | Path,
                  max_epochs: int, grid_epochs: int = 3) -> None:
         self.uri = tracking_uri
         self.space = space
@@ -154,6 +170,13 @@ class MLflowSearchCallback(Callback):
     # ----------------------------------------------------------------- parent run
 
     def setup(self, **info: Any) -> None:
+        if _ACTIVE["configured"]:
+            if _ACTIVE["uri"] != self.uri:  # another store than the pickled run's: start its runs afresh
+                self.parent_id, self.experiment_id, self.children = None, None, {}
+            self.uri = _ACTIVE["uri"]
+        self.disabled = not self.uri
+        if self.disabled:
+            return
         self.search_dir.mkdir(parents=True, exist_ok=True)
         self._safe("setup", self._setup_parent)
 

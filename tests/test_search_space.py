@@ -181,3 +181,20 @@ def test_model_presets_in_space_files_with_overrides_and_as_a_dimension(tmp_path
     bad_dim = VALID.replace("masking.mask_ratio: {grid: [0.5, 0.75]}", "model.preset: {grid: [tiny, vit-q7]}")
     with pytest.raises(ConfigError, match=r"dimensions.model.preset: value 'vit-q7' is invalid"):
         load_search_space(write(tmp_path, bad_dim))
+
+
+def test_resume_refuses_a_changed_configuration_or_a_smaller_cluster(tmp_path):
+    from mae_search.ray_search import ClusterPlan, check_resumable
+
+    space = load_search_space(write(tmp_path, VALID))
+    exp_dir = tmp_path / "results" / "t"
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "search_space.json").write_text(space.model_dump_json())
+    (exp_dir / "plan.json").write_text('{"concurrency": 2}')
+    check_resumable(space, exp_dir, ClusterPlan(concurrency=2, cpus=2, gpus=0))  # the same search: fine
+    changed = load_search_space(write(tmp_path, VALID), overrides={"epochs": 5})  # e.g. a --set dropped or added
+    with pytest.raises(ConfigError, match=r"differ at base.epochs \(recorded 3, now 5\)") as exc:
+        check_resumable(changed, exp_dir, ClusterPlan(concurrency=2, cpus=2, gpus=0))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"runs 2 trials at once, but this cluster holds 1 \(1 CPU, 0 GPU\)"):
+        check_resumable(space, exp_dir, ClusterPlan(concurrency=1, cpus=1, gpus=0))

@@ -173,3 +173,30 @@ def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch, mlflow_
     warnings = [r for r in caplog.records if "tracking disabled" in r.getMessage()]
     assert len(warnings) == 1 and str(search_dir) in warnings[0].getMessage()
     assert read_results(search_dir)[["epoch", "status"]].values.tolist() == [[1, "completed"], [2, "completed"]]
+
+
+def test_tracking_flags_given_on_resume_take_effect(tmp_path):
+    """Tune restores a search's callbacks from its pickle; the store they log to is the current run's."""
+    import pickle
+
+    from mae_search.tracking import _ACTIVE, configure_tracking
+
+    space = load_search_space(micro_space(tmp_path, "moved", "dimensions: {}\nmetric: loss\nmode: min\n"))
+    first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"
+    saved = dict(_ACTIVE)
+    try:
+        configure_tracking(first)
+        callback = MLflowSearchCallback(first, space, tmp_path / "s", "x.yaml", max_epochs=1)
+        callback.setup()
+        restored = pickle.loads(pickle.dumps(callback))  # what --resume gets back from Tune
+        configure_tracking(None)  # --resume --no-mlflow
+        restored.setup()
+        assert restored.disabled
+        configure_tracking(second)  # --resume --tracking-uri <another store>
+        restored = pickle.loads(pickle.dumps(callback))
+        restored.setup()
+        assert not restored.disabled and restored.uri == second
+    finally:
+        _ACTIVE.update(saved)
+    assert len(runs_of(MlflowClient(first), "moved")[0]) == 1
+    assert len(runs_of(MlflowClient(second), "moved")[0]) == 1  # a parent run in the new store too
