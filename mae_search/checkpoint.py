@@ -41,9 +41,11 @@ def load_checkpoint(path: str | Path, cfg: TrainConfig | None = None) -> dict[st
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__})") from None
+        # weights_only: the state holds only tensors and plain data, so nothing in the file can run code
+        # (checkpoints come from shared storage, and --resume takes any path).
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
+        raise CheckpointError(f"{path}: corrupt, unreadable or unsafe checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a mae-search checkpoint (format version {FORMAT_VERSION} expected)")
     if cfg is not None:

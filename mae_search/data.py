@@ -124,14 +124,31 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR-10 batches hold (dicts, lists, strings, numbers, numpy arrays):
+    a crafted data file cannot make the loader import or call anything else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are allowed")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"cifar10: missing file {path}")
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+            data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad (or hostile) file
         raise DataError(f"cifar10: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"cifar10: {path} is not a CIFAR-10 batch (a dict was expected)")
+    return data
 
 
 def load_cifar10(root: str | Path) -> tuple[ImageSet, ImageSet]:

@@ -102,7 +102,7 @@ class Resources(_Strict):
 
 
 class SearchSpace(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
     factor: str | None = Field(None, description="the ablated parameter a report table is built around")
     baseline: Any = Field(None, description="the factor's reference setting for paired comparisons")
@@ -121,7 +121,10 @@ class SearchSpace(_Strict):
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Resources()
     max_failures: int = Field(2, ge=0, description="restarts of a trial from its last checkpoint")
-    experiment: str | None = Field(None, description="MLflow experiment name; defaults to the space name")
+    experiment: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+        description="MLflow experiment name; defaults to the space name (a name, never a path)",
+    )
 
     @model_validator(mode="after")
     def _objectives(self) -> SearchSpace:

@@ -39,4 +39,4 @@ def test_train_errors_are_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"corrupt")
     corrupt = cli("train", "--out", str(tmp_path / "run"), "--resume", check=False)
-    assert corrupt.returncode == 2 and "corrupt or unreadable checkpoint" in corrupt.stdout
+    assert corrupt.returncode == 2 and "corrupt, unreadable or unsafe checkpoint" in corrupt.stdout

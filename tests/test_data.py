@@ -48,6 +48,27 @@ def test_cifar10_reader(tmp_path):
         load_cifar10(tmp_path)
 
 
+class _Hostile:
+    """Unpickling this runs a shell command (what a crafted data file or checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_cifar_file_runs_nothing(tmp_path):
+    test_cifar10_reader(tmp_path)  # a valid set, then one batch replaced by a hostile pickle
+    marker = tmp_path / "pwned"
+    pickle.dump({"data": _Hostile(marker), "labels": [0]}, (tmp_path / "test_batch").open("wb"))
+    with pytest.raises(DataError, match=r"cifar10: cannot read .*test_batch .*refusing posix.system") as exc:
+        load_cifar10(tmp_path)
+    assert not marker.exists() and "\n" not in str(exc.value)
+
+
 def test_stl10_reader_transposes_column_major(tmp_path):
     img = np.zeros((1, 3, 96, 96), dtype=np.uint8)
     img[0, :, 0, 5] = 255  # row 0, column 5 in (C, H, W)

@@ -198,3 +198,10 @@ def test_resume_refuses_a_changed_configuration_or_a_smaller_cluster(tmp_path):
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match=r"runs 2 trials at once, but this cluster holds 1 \(1 CPU, 0 GPU\)"):
         check_resumable(space, exp_dir, ClusterPlan(concurrency=1, cpus=1, gpus=0))
+
+
+@pytest.mark.parametrize("experiment", ["../../../x", "/tmp/elsewhere", "a/b", "x" * 101])
+def test_experiment_name_cannot_leave_the_storage_directory(tmp_path, experiment):
+    text = VALID + f"experiment: '{experiment}'\n"
+    with pytest.raises(ConfigError, match=r"space.yaml: experiment: String should"):
+        load_search_space(write(tmp_path, text))

@@ -71,7 +71,7 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, micro_cfg):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
     trainer = Trainer(micro_cfg)
-    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match="corrupt, unreadable or unsafe"):
         trainer.resume(bad)
     with pytest.raises(CheckpointError, match="not found"):
         trainer.resume(tmp_path / "missing.pt")
@@ -160,3 +160,14 @@ def test_training_steps_do_not_wait_for_the_gpu():
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs_in_one_epoch(64) == syncs_in_one_epoch(256)  # 2 vs 8 steps
+
+
+def test_crafted_checkpoint_runs_nothing(tmp_path, micro_cfg):
+    """Checkpoints load with weights_only: a pickle that would run a command is refused, not executed."""
+    from tests.test_data import _Hostile
+
+    marker = tmp_path / "pwned"
+    torch.save({"format_version": 1, "payload": _Hostile(marker)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt, unreadable or unsafe checkpoint"):
+        Trainer(micro_cfg).resume(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
