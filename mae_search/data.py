@@ -336,7 +336,9 @@ def epoch_batches(
     Every rank draws the same permutation (same generator state) and takes its
     own stride, which is what DistributedSampler does, without a DataLoader.
     """
-    perm = torch.randperm(n, generator=generator)[rank::world_size]
+    # Every rank gets the same number of images (the tail beyond a multiple of world_size is dropped), so
+    # every rank takes the same number of steps: one more on one rank would leave DDP waiting forever.
+    perm = torch.randperm(n, generator=generator)[: n - n % world_size][rank::world_size]
     usable = (len(perm) // batch_size) * batch_size
     if usable == 0:
         raise DataError(f"data set of {n} images is smaller than one batch of {batch_size} per worker")

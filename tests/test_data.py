@@ -141,3 +141,12 @@ def test_imagefolder_reader(tmp_path):
     assert train.classes == ("cat", "dog") and sorted(val.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(DataError, match="must contain train/ and val/"):
         load_imagefolder(tmp_path / "train", 16)
+
+
+def test_every_rank_takes_the_same_number_of_steps():
+    """256 images on 2 ranks in batches of 64: strided shards of 128 and 128, never 129 and 127."""
+    for n in (255, 256, 257):
+        counts = {len(epoch_batches(n, 64, torch.Generator().manual_seed(1), rank=r, world_size=2)) for r in (0, 1)}
+        assert len(counts) == 1, n
+    sizes = [sum(len(b) for b in epoch_batches(129, 1, torch.Generator().manual_seed(0), r, 2)) for r in (0, 1)]
+    assert sizes == [64, 64]
