@@ -105,7 +105,7 @@ def run_references(space: SearchSpace, search_dir: Path) -> int:
     task = ray.remote(reference_task).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
     configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
     futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
-    rows = [(seed, kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, ray.get(futures), strict=True)]
+    rows = [(kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, ray.get(futures), strict=True)]
     record_references(search_dir, space.name, rows)
     return len(todo)
 

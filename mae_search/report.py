@@ -27,6 +27,18 @@ import numpy as np
 import pandas as pd
 
 from mae_search.metrics import BY_NAME, REGISTRY, Metric, metric
+from mae_search.record import (
+    PARAM_PREFIX,
+    TAG_BEST_RUN,
+    TAG_KIND,
+    TAG_REFERENCE,
+    TAG_SEARCH,
+    TAG_SEARCHED_PREFIX,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_TRIAL_ID,
+    Status,
+)
 from mae_search.results import (
     RESULTS_FILE,
     SPACE_FILE,
@@ -112,7 +124,7 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
     if exp is None:
         raise ReportError(f"unknown search: no MLflow experiment '{experiment}' at {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], max_results=10_000, order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if r.data.tags.get("mae_search.kind") == "search"]
+    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "search"]
     if not parents:
         raise ReportError(f"MLflow experiment '{experiment}' holds no mae-search search")
     parent = parents[-1]
@@ -124,11 +136,11 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
         tags = run.data.tags
         if tags.get("mlflow.parentRunId") != parent.info.run_id:
             continue
-        base = {"search": tags["mae_search.search"], "trial_id": tags["mae_search.trial_id"],
-                "status": tags.get("mae_search.status", "running"), "reference": tags.get("mae_search.reference", ""),
-                "seed": int(tags.get("mae_search.seed", 0))}
-        base.update({f"param.{k.removeprefix('search.')}": _parse(v) for k, v in tags.items()
-                     if k.startswith("search.")})
+        base = {"search": tags[TAG_SEARCH], "trial_id": tags[TAG_TRIAL_ID],
+                "status": tags.get(TAG_STATUS, str(Status.RUNNING)), "reference": tags.get(TAG_REFERENCE, ""),
+                "seed": int(tags.get(TAG_SEED, 0))}
+        base.update({f"{PARAM_PREFIX}{k.removeprefix(TAG_SEARCHED_PREFIX)}": _parse(v) for k, v in tags.items()
+                     if k.startswith(TAG_SEARCHED_PREFIX)})
         by_epoch: dict[int, dict[str, Any]] = {}
         for key in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, key):
@@ -138,7 +150,7 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
         for epoch, metrics in sorted(by_epoch.items()):
             records.append({**base, "epoch": epoch, **metrics})
     png = None
-    best_run = parent.data.tags.get("mae_search.best_run_id")
+    best_run = parent.data.tags.get(TAG_BEST_RUN)
     if best_run:
         with tempfile.TemporaryDirectory() as tmp:
             try:

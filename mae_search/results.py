@@ -1,12 +1,14 @@
 """The search results table: one row per trial-epoch, in ``<search dir>/results.parquet``.
 
-Written by a Tune callback on the driver after every reported epoch (atomic
+Each row is a :class:`~mae_search.record.TrialRecord` in its ``to_row`` form,
+written by a Tune callback on the driver after every reported epoch (atomic
 replace), so a crash or Ctrl-C never loses what finished, and a resumed search
 appends to what is there. This table is the input of the report generator.
 
 Columns: search, trial_id, status (running | completed | stopped_early |
-failed), error, seed, ``param.<dotted key>`` for each searched dimension,
-epoch, every reported metric, trial_time_s, checkpoint_path, config_json.
+failed | reference), error, seed, epoch, ``param.<dotted key>`` for each
+searched dimension, every reported metric, reference (random_init |
+raw_pixels on reference rows), trial_time_s, checkpoint_path, config_json.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-RESULTS_FILE = "results.parquet"
-SPACE_FILE = "search_space.json"  # the validated space, beside the table (read by `list` and `report`)
-STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED = "running", "completed", "stopped_early", "failed"
-# Reference rows (random-init encoder, raw pixels; one per seed) carry this status and a ``reference`` kind.
-STATUS_REFERENCE = "reference"
+from mae_search.record import RESULTS_FILE, SPACE_FILE, Status, TrialRecord, status_after
+
+# Kept as names for the modules that compare table columns with them.
+STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED, STATUS_REFERENCE = (
+    Status.RUNNING.value, Status.COMPLETED.value, Status.STOPPED.value, Status.FAILED.value, Status.REFERENCE.value)
 # Keys Tune adds to every result (and the epoch, which is the step, not a metric).
 TUNE_KEYS = frozenset({
     "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
@@ -80,10 +82,6 @@ def reference_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == STATUS_REFERENCE].reset_index(drop=True)
 
 
-def reference_trial_id(kind: str, seed: int) -> str:
-    return f"reference-{kind}-seed{seed}"
-
-
 def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...]) -> list[tuple[int, str]]:
     """(seed, kind) pairs the search's table has no reference row for yet."""
     path = Path(search_dir) / RESULTS_FILE
@@ -94,14 +92,11 @@ def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...
     return [(seed, kind) for seed in seeds for kind in kinds if (seed, kind) not in have]
 
 
-def record_references(search_dir: Path, search: str, rows: list[tuple[int, str, Any, dict[str, float]]]) -> None:
-    """Append reference rows (seed, kind, TrainConfig, metrics) to the search's table (atomic replace)."""
+def record_references(search_dir: Path, search: str, rows: list[tuple[str, Any, dict[str, float]]]) -> None:
+    """Append reference rows (kind, TrainConfig with the seed, metrics) to the search's table (atomic replace)."""
     path = Path(search_dir) / RESULTS_FILE
-    new = pd.DataFrame.from_records([
-        {"search": search, "trial_id": reference_trial_id(kind, seed), "status": STATUS_REFERENCE, "error": "",
-         "seed": seed, "epoch": 0, "reference": kind, **metrics, "config_json": cfg.model_dump_json()}
-        for seed, kind, cfg, metrics in rows
-    ])
+    new = pd.DataFrame.from_records([TrialRecord.reference_row(search, kind, cfg, metrics).to_row()
+                                     for kind, cfg, metrics in rows])
     old = pd.read_parquet(path) if path.is_file() else None
     write_atomic(new if old is None else pd.concat([old, new], ignore_index=True), path)
 
@@ -114,68 +109,57 @@ def best_row(final: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
 
 
 class ResultsTableCallback(Callback):
-    """Collects every trial's per-epoch results and keeps the Parquet table current."""
+    """Turns every trial's per-epoch results into TrialRecords and keeps the Parquet table current."""
 
-    def __init__(self, search_dir: str | Path, search_name: str, max_epochs: int, space_cfg: Any) -> None:
+    def __init__(self, search_dir: str | Path, search_name: str, max_epochs: int, space: Any) -> None:
         self.path = Path(search_dir) / RESULTS_FILE
         self.search = search_name
         self.max_epochs = max_epochs
-        self.space = space_cfg
-        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self.status: dict[str, tuple[str, str]] = {}
+        self.space = space
+        self.records: dict[tuple[str, int], TrialRecord] = {}
+        self.started: dict[str, TrialRecord] = {}  # trial id -> its record before any epoch
 
     def setup(self, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():  # reference rows, and a resumed search's earlier trials
             for row in pd.read_parquet(self.path).to_dict("records"):
-                self.rows[(row["trial_id"], int(row["epoch"]))] = row
-                self.status[row["trial_id"]] = (row["status"], row.get("error") or "")
+                record = TrialRecord.from_row(row)
+                self.records[(record.trial_id, record.epoch)] = record
 
-    def _base_row(self, trial: Any, config: dict[str, Any], epoch: int) -> dict[str, Any]:
-        seed = int(config.get("seed", 0))
-        params = {k: v for k, v in config.items() if k != "seed"}
-        return {
-            "search": self.search,
-            "trial_id": trial.trial_id,
-            "seed": seed,
-            **{f"param.{k}": v for k, v in params.items()},
-            "epoch": epoch,
-            "config_json": self.space.trial_config(params, seed).model_dump_json(),
-        }
+    def _start(self, trial: Any) -> TrialRecord:
+        if trial.trial_id not in self.started:
+            self.started[trial.trial_id] = TrialRecord.start(self.space, trial.trial_id, dict(trial.config))
+        return self.started[trial.trial_id]
+
+    def _trial_records(self, trial_id: str) -> list[tuple[int, TrialRecord]]:
+        return [(epoch, r) for (t, epoch), r in self.records.items() if t == trial_id]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         epoch = int(result.get("epoch", result["training_iteration"]))
-        row = {
-            **self._base_row(trial, dict(result.get("config", trial.config)), epoch),
-            **reported_metrics(result),
-            "trial_time_s": float(result.get("time_total_s", 0.0)),
-            "checkpoint_path": result.get("checkpoint_path") or "",
-        }
-        self.rows[(trial.trial_id, epoch)] = row
-        self.status.setdefault(trial.trial_id, (STATUS_RUNNING, ""))
-        if self.status[trial.trial_id][0] == STATUS_RUNNING:
-            self._write()
+        record = self._start(trial).at_epoch(epoch, reported_metrics(result), result.get("checkpoint_path") or "",
+                                             float(result.get("time_total_s", 0.0)))
+        self.records[(trial.trial_id, epoch)] = record
+        self._write()
+
+    def _end(self, trial_id: str, status: Status, error: str = "") -> None:
+        for epoch, record in self._trial_records(trial_id):
+            self.records[(trial_id, epoch)] = record.ended(status, error)
+        self._write()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = max((e for t, e in self.rows if t == trial.trial_id), default=0)
-        self.status[trial.trial_id] = (STATUS_COMPLETED if last >= self.max_epochs else STATUS_STOPPED, "")
-        self._write()
+        last = max((epoch for epoch, _ in self._trial_records(trial.trial_id)), default=0)
+        self._end(trial.trial_id, status_after(last, self.max_epochs))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.status[trial.trial_id] = (STATUS_FAILED, trial_error(trial, 500))
-        if not any(t == trial.trial_id for t, _ in self.rows):  # failed before its first epoch
-            self.rows[(trial.trial_id, 0)] = self._base_row(trial, dict(trial.config), 0)
-        self._write()
+        if not self._trial_records(trial.trial_id):  # failed before its first epoch
+            self.records[(trial.trial_id, 0)] = self._start(trial)
+        self._end(trial.trial_id, Status.FAILED, trial_error(trial, 500))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._write()
 
     def table(self) -> pd.DataFrame:
-        records = []
-        for (trial_id, _), row in sorted(self.rows.items()):
-            status, error = self.status.get(trial_id, (STATUS_RUNNING, ""))
-            records.append({**row, "status": status, "error": error})
-        df = pd.DataFrame.from_records(records)
+        df = pd.DataFrame.from_records([r.to_row() for _, r in sorted(self.records.items())])
         if not df.empty:
             front = ["search", "trial_id", "status", "error", "seed", "epoch"]
             df = df[front + [c for c in df.columns if c not in front]]

@@ -33,12 +33,24 @@ import torch
 from ray.tune import Callback
 
 from mae_search.config import TrainConfig
+from mae_search.record import (
+    GRID_FILE,
+    TAG_BEST_RUN,
+    TAG_ERROR,
+    TAG_KIND,
+    TAG_REFERENCE,
+    TAG_SEARCH,
+    TAG_SEARCHED_PREFIX,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_TRIAL_ID,
+    Status,
+    TrialRecord,
+    status_after,
+)
+from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "mlflow_runs.json"
-GRID_FILE = "reconstruction.png"
-TAG_STATUS = "mae_search.status"
 
 
 class TrackingError(ValueError):
@@ -203,8 +215,8 @@ class MLflowSearchCallback(Callback):
                 self._log_references()
                 return
         exp_id = self.experiment_id = self._experiment_id()
-        tags = {"mae_search.search": self.space.name, "mae_search.command": shlex.join(sys.argv),
-                "mlflow.source.git.commit": _git_commit(), "mae_search.kind": "search", **_versions()}
+        tags = {TAG_SEARCH: self.space.name, "mae_search.command": shlex.join(sys.argv),
+                "mlflow.source.git.commit": _git_commit(), TAG_KIND: "search", **_versions()}
         run = self.client.create_run(exp_id, run_name=self.space.name, tags=tags)
         self.parent_id = run.info.run_id
         params = {"space.name": self.space.name, "space.trials": str(self.space.total_trials()),
@@ -232,9 +244,9 @@ class MLflowSearchCallback(Callback):
         for _, row in reference_rows(read_results(path, with_references=True)).iterrows():
             if row["trial_id"] in self.children:
                 continue
-            tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,
-                    "mae_search.trial_id": row["trial_id"], "mae_search.seed": str(int(row["seed"])),
-                    TAG_STATUS: "reference", "mae_search.reference": row["reference"]}
+            tags = {"mlflow.parentRunId": self.parent_id, TAG_SEARCH: self.space.name,
+                    TAG_TRIAL_ID: row["trial_id"], TAG_SEED: str(int(row["seed"])),
+                    TAG_STATUS: str(Status.REFERENCE), TAG_REFERENCE: row["reference"]}
             run = self.client.create_run(self.experiment_id, tags=tags,
                                          run_name=f"reference: {row['reference']} (seed {int(row['seed'])})")
             from mlflow.entities import Metric
@@ -257,16 +269,15 @@ class MLflowSearchCallback(Callback):
     def _child(self, trial: Any) -> str | None:
         if trial.trial_id in self.children or self.parent_id is None:
             return self.children.get(trial.trial_id)
-        config = dict(trial.config)
-        seed = int(config.pop("seed", 0))
-        cfg = self.space.trial_config(config, seed)
-        tags = {"mlflow.parentRunId": self.parent_id, "mae_search.search": self.space.name,
-                "mae_search.trial_id": trial.trial_id, "mae_search.seed": str(seed), TAG_STATUS: "running"}
+        record = TrialRecord.start(self.space, trial.trial_id, dict(trial.config))
+        cfg = record.config
+        tags = {"mlflow.parentRunId": self.parent_id, TAG_SEARCH: record.search, TAG_TRIAL_ID: record.trial_id,
+                TAG_SEED: str(record.seed), TAG_STATUS: str(Status.RUNNING)}
         run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
         run_id = run.info.run_id
         self.children[trial.trial_id] = run_id
         self._log_params(run_id, flatten_config(cfg))
-        searched = {f"search.{k}": str(v) for k, v in config.items()}
+        searched = {f"{TAG_SEARCHED_PREFIX}{k}": str(v) for k, v in record.params.items()}
         if searched:
             self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in searched.items()])
         with tempfile.TemporaryDirectory() as tmp:
@@ -316,18 +327,18 @@ class MLflowSearchCallback(Callback):
         run_id = self._child(trial)
         epoch, ckpt = self.last_ckpt.get(trial.trial_id, (0, None))
         if error is not None:
-            self.client.set_tag(run_id, TAG_STATUS, "failed")
-            self.client.set_tag(run_id, "mae_search.error", error)
+            self.client.set_tag(run_id, TAG_STATUS, str(Status.FAILED))
+            self.client.set_tag(run_id, TAG_ERROR, error)
             self.client.set_terminated(run_id, "FAILED")
             return
-        status = "completed" if epoch >= self.max_epochs else "stopped_early"
-        self.client.set_tag(run_id, TAG_STATUS, status)
-        if status == "stopped_early":
+        status = status_after(epoch, self.max_epochs)
+        self.client.set_tag(run_id, TAG_STATUS, str(status))
+        if status == Status.STOPPED:
             self.client.set_tag(run_id, "mae_search.stopped_by", "ASHA")
             self.client.set_tag(run_id, "mae_search.stopped_at_epoch", str(epoch))
         if ckpt and epoch not in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
             self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
-        self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "KILLED")
+        self.client.set_terminated(run_id, "FINISHED" if status == Status.COMPLETED else "KILLED")
 
     # ----------------------------------------------------------------- end of search
 
@@ -357,7 +368,7 @@ class MLflowSearchCallback(Callback):
         obj = self.space.primary
         trial_id = row["trial_id"]
         run_id = self.children.get(trial_id, "")
-        tags = [_tag("mae_search.best_trial", trial_id), _tag("mae_search.best_run_id", run_id)]
+        tags = [_tag("mae_search.best_trial", trial_id), _tag(TAG_BEST_RUN, run_id)]
         tags += [_tag(f"best.{k.removeprefix('param.')}", str(row[k])) for k in row.index if k.startswith("param.")]
         self.client.log_batch(self.parent_id, metrics=[_metric(f"best.{obj.metric}", row[obj.metric])], tags=tags)
         self._log_encoder(trial_id, row.get("checkpoint_path") or "")

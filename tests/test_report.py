@@ -52,7 +52,7 @@ def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(
     """Feed synthetic per-epoch results (and reference rows) through the callbacks a real search uses."""
     space, space_file, search_dir = new_search(tmp_path, SPACE_TEMPLATE.replace("SEEDS", str(list(seeds))))
     record_references(search_dir, space.name, [
-        (seed, kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc})
+        (kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc})
         for seed in seeds for kind, acc in (("random_init", 0.2), ("raw_pixels", 0.15))])
     callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

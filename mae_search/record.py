@@ -1,0 +1,136 @@
+"""The typed trial record: the one contract between the search and everything downstream.
+
+A :class:`TrialRecord` is one trial (or reference row) at one epoch: who it is
+(search, trial id, seed, searched parameters), the configuration it resolved
+to, what it reported, how it ended, and where its checkpoint is. It is built
+here, in one place, from Tune's trial config and results; the results table
+(results.py) stores its :meth:`~TrialRecord.to_row` form, MLflow
+(tracking.py) logs it, and the report (report.py) reads the rows back. The
+names shared by those consumers -- files, MLflow tags, statuses -- live here
+too, so none of them is a bare string agreed on by convention.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from mae_search.config import TrainConfig
+
+# Files in a search's directory (<storage>/<search name>/).
+RESULTS_FILE = "results.parquet"  # one row per trial-epoch: TrialRecord.to_row()
+SPACE_FILE = "search_space.json"  # the validated space as run: what --resume, `list` and `report` read
+MLFLOW_STATE_FILE = "mlflow_runs.json"  # parent and child run ids, so a resumed search continues its runs
+GRID_FILE = "reconstruction.png"  # a trial checkpoint's reconstruction grid
+
+# MLflow tags (and the one prefix of searched values) that tracking writes and the report reads.
+TAG_SEARCH = "mae_search.search"
+TAG_KIND = "mae_search.kind"  # "search" on the parent run
+TAG_TRIAL_ID = "mae_search.trial_id"
+TAG_SEED = "mae_search.seed"
+TAG_STATUS = "mae_search.status"
+TAG_REFERENCE = "mae_search.reference"
+TAG_ERROR = "mae_search.error"
+TAG_BEST_RUN = "mae_search.best_run_id"
+TAG_SEARCHED_PREFIX = "search."
+PARAM_PREFIX = "param."  # results-table columns of searched values
+
+
+class Status(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped_early"  # stopped by the scheduler (ASHA) before the last epoch: not a failure
+    FAILED = "failed"
+    REFERENCE = "reference"  # a reference row (random-init encoder, raw pixels), not a trial
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A Tune trial config -> (searched parameters, seed)."""
+    params = {k: v for k, v in config.items() if k != "seed"}
+    return params, int(config.get("seed", 0))
+
+
+def status_after(last_epoch: int, max_epochs: int) -> Status:
+    """How a trial that ended without error ended: all its epochs, or stopped early by the scheduler."""
+    return Status.COMPLETED if last_epoch >= max_epochs else Status.STOPPED
+
+
+# Results-table columns that are not metrics (besides the param.<key> columns).
+ROW_FIELDS = frozenset({"search", "trial_id", "status", "error", "seed", "epoch", "config_json", "reference",
+                        "trial_time_s", "checkpoint_path"})
+
+
+def present(value: Any) -> bool:
+    """A recorded value, not a hole in the table (None, NaN or an empty string)."""
+    return value is not None and value == value and value != ""  # NaN is the only value unequal to itself
+
+
+def reference_trial_id(kind: str, seed: int) -> str:
+    return f"reference-{kind}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    search: str
+    trial_id: str
+    seed: int
+    params: dict[str, Any]  # searched values as Tune chose them (variant names for variants)
+    config: TrainConfig  # what the trial actually ran
+    epoch: int = 0  # 0: before the first epoch (a failed start, a reference row)
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: Status = Status.RUNNING
+    error: str = ""
+    checkpoint: str = ""
+    reference: str = ""  # random_init | raw_pixels for reference rows
+    trial_time_s: float | None = None
+
+    @classmethod
+    def start(cls, space: Any, trial_id: str, config: dict[str, Any]) -> TrialRecord:
+        """A trial as it starts: identity and resolved configuration (the only place it is resolved)."""
+        params, seed = split_config(config)
+        return cls(search=space.name, trial_id=trial_id, seed=seed, params=params,
+                   config=space.trial_config(params, seed))
+
+    def at_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: str = "",
+                 trial_time_s: float | None = None) -> TrialRecord:
+        return replace(self, epoch=epoch, metrics=metrics, checkpoint=checkpoint, trial_time_s=trial_time_s)
+
+    def ended(self, status: Status, error: str = "") -> TrialRecord:
+        return replace(self, status=status, error=error)
+
+    @classmethod
+    def reference_row(cls, search: str, kind: str, config: TrainConfig, metrics: dict[str, float]) -> TrialRecord:
+        return cls(search=search, trial_id=reference_trial_id(kind, config.seed), seed=config.seed, params={},
+                   config=config, metrics=metrics, status=Status.REFERENCE, reference=kind)
+
+    def to_row(self) -> dict[str, Any]:
+        """The results-table form (see results.py for the columns)."""
+        row: dict[str, Any] = {
+            "search": self.search, "trial_id": self.trial_id, "status": str(self.status), "error": self.error,
+            "seed": self.seed, "epoch": self.epoch,
+            **{f"{PARAM_PREFIX}{k}": v for k, v in self.params.items()},
+            **self.metrics,
+            "config_json": self.config.model_dump_json(),
+        }
+        if self.reference:
+            row["reference"] = self.reference
+        if self.trial_time_s is not None:
+            row["trial_time_s"] = self.trial_time_s
+        if self.checkpoint or self.status != Status.REFERENCE:
+            row["checkpoint_path"] = self.checkpoint
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TrialRecord:
+        """Back from a results-table row (a resumed search reloads its table this way)."""
+        params = {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX) and present(v)}
+        metrics = {k: float(v) for k, v in row.items()
+                   if k not in ROW_FIELDS and not k.startswith(PARAM_PREFIX) and present(v)}
+        time_s = row.get("trial_time_s")
+        return cls(search=row["search"], trial_id=row["trial_id"], seed=int(row["seed"]), params=params,
+                   config=TrainConfig.model_validate(json.loads(row["config_json"])), epoch=int(row["epoch"]),
+                   metrics=metrics, status=Status(row["status"]), error=row.get("error") or "",
+                   checkpoint=row.get("checkpoint_path") or "", reference=row.get("reference") or "",
+                   trial_time_s=float(time_s) if present(time_s) else None)
