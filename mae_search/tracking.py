@@ -140,6 +140,16 @@ class MLflowSearchCallback(Callback):
 
     A search always carries one, so tracking can be switched on or moved on resume; with MLflow off
     (``configure_tracking(None)``) it does nothing.
+
+    Why not Ray's ``MLflowLoggerCallback``: it opens one flat run per trial from
+    Tune's results, with no parent run for the search, no reference rows, no
+    artifacts read from the trials' checkpoints (reconstruction grids, the
+    best encoder) and no stopped-early status; it would also log Tune's
+    bookkeeping keys as metrics. Its run ids are not kept across a restore
+    either: here ``mlflow_runs.json`` beside the results (rather than Tune's
+    ``Callback.get_state``, which only a pickled callback carries) lets a
+    resumed search, even one restored with another callback object, continue
+    the same runs.
     """
 
     def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path, space_file: str | Path,
