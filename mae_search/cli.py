@@ -145,6 +145,7 @@ def search(
     except FileNotFoundError:
         _fail(f"search '{space.name}' ended before any trial reported a result")
     _print_trials(table, space.primary.metric, space.primary.mode)
+    _print_references(read_results(search_dir, with_references=True))
     console.print(f"{len(table)} trials in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
     unfinished = int((table["status"] == "running").sum())
     if unfinished or len(table) < space.total_trials():
@@ -251,6 +252,17 @@ def _print_trials(df, metric: str, mode: str) -> None:
             str(row["epoch"]), "-" if value is None or value != value else f"{value:.4g}",
         )
     console.print(table)
+
+
+def _print_references(df) -> None:
+    """One line per reference kind (mean over its seeds): what the trials above must beat."""
+    from mae_search.results import reference_rows
+
+    short = {"linear_probe_acc": "LP", "finetune_acc": "FT", "knn_acc": "k-NN"}
+    for kind, rows in reference_rows(df).groupby("reference", sort=True):
+        shown = [f"{name} {rows[k].mean() * 100:.1f} %" for k, name in short.items()
+                 if k in rows and rows[k].notna().any()]
+        console.print(f"reference {kind.replace('_', '-')} ({len(rows)} seeds): {', '.join(shown)}", highlight=False)
 
 
 def _parse_assignment(text: str) -> tuple[str, object]:
