@@ -262,7 +262,8 @@ def _print_references(df) -> None:
     for kind, rows in reference_rows(df).groupby("reference", sort=True):
         shown = [f"{name} {rows[k].mean() * 100:.1f} %" for k, name in short.items()
                  if k in rows and rows[k].notna().any()]
-        console.print(f"reference {kind.replace('_', '-')} ({len(rows)} seeds): {', '.join(shown)}", highlight=False)
+        seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
+        console.print(f"reference {kind.replace('_', '-')} ({seeds}): {', '.join(shown)}", highlight=False)
 
 
 def _parse_assignment(text: str) -> tuple[str, object]:

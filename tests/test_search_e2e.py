@@ -24,6 +24,7 @@ def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     assert sorted(refs.index) == ["random_init", "raw_pixels"] and (refs["seed"] == 0).all()
     assert refs["linear_probe_acc"].between(0, 1).all() and refs["finetune_acc"].notna().tolist() == [True, False]
     df = df[df["status"] != "reference"]
+    assert "reference random-init (1 seed): LP " in out.stdout and "reference raw-pixels (1 seed): LP " in out.stdout
     final = df.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
     assert len(final) == 4, out.stdout
     assert (final["status"] == "stopped_early").sum() >= 1
