@@ -452,18 +452,28 @@ def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> No
 
 
 def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, top: int = 10) -> None:
+    """An Optuna search's best finished trials, under the reference rows (mean ± std over their seeds)."""
     done = completed_final(table)
     metric = space.primary.metric
     if done.empty or metric not in done:
         return
     done = done.sort_values([metric, "trial_id"], ascending=[space.primary.mode == "min", True]).head(top)
+    refs = reference_rows(table)
     params = [c for c in done.columns if c.startswith("param.")]
-    metrics = [m for m in METRICS if m.name in done.columns]
+    metrics = [m for m in METRICS if m.in_tables and m.name in done.columns]
     headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
-    rows = [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
-             *[fmt_metric(m, pd.Series([r[m.name]])) for m in metrics]] for _, r in done.iterrows()]
+    rows = [[label, *["-" for _ in params], *[fmt_metric(m, group[m.name]) if m.name in group else "-"
+                                              for m in metrics]]
+            for kind, label in REFERENCE_LABELS.items()
+            if not (group := refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]).empty]
+    first_trial = len(rows)
+    rows += [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
+              *[fmt_metric(m, pd.Series([r[m.name]])) for m in metrics]] for _, r in done.iterrows()]
     report.heading("Best trials")
-    report.table(Table("best_trials", headers, rows, 0 if rows else None))
+    caption = ("Reference rows: the same evaluation of the untrained encoder (fine-tuning it is training from "
+               "scratch) and of raw pixels. Trials: final metrics of finished trials, best first (one seed each, "
+               "so the order among close trials is not a finding).") if first_trial else ""
+    report.table(Table("best_trials", headers, rows, None, caption))
 
 
 def _round(v: Any) -> Any:

@@ -214,6 +214,8 @@ num_samples: 8
 
 def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
     space, _, search_dir = new_search(tmp_path, OPTUNA_SPACE)
+    record_references(search_dir, space.name, [("random_init", TrainConfig(), {"linear_probe_acc": 0.1}),
+                                               ("raw_pixels", TrainConfig(), {"linear_probe_acc": 0.2})])
     cb = ResultsTableCallback(search_dir, space.name, 2, space)
     cb.setup()
     # Accuracy depends on mask ratio only, so fANOVA must rank it first.
@@ -226,8 +228,10 @@ def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
                                               "linear_probe_acc": acc, "pretrain_time_s": 10 * ratio * epoch})
         cb.on_trial_complete(0, [], trial)
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
-    best = md.split("## Best trials")[1].split("\n\n")[1].splitlines()[2]
-    assert best.startswith("| **j7** |")
+    rows = md.split("## Best trials")[1].split("\n\n")[1].splitlines()[2:]
+    assert rows[0].startswith("| random-init encoder (reference) | - | - | 10.0 |")
+    assert rows[1].startswith("| raw pixels (reference) | - | - | 20.0 |")
+    assert rows[2].startswith("| j7 |")  # the best trial first; one seed each, so not marked
     importances = md.split("## Parameter importances")[1].split("\n\n")[2].splitlines()
     assert importances[2].startswith("| masking.mask_ratio |")
     # Higher mask ratio is both more accurate and slower here, so every trial is on the front.
