@@ -85,7 +85,16 @@ def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
     df = read_results(tmp_path / "results" / "tracked")
     client = MlflowClient(mlflow_server)
     parents, children = runs_of(client, "tracked-exp")
+    references = [c for c in children if c.data.tags["mae_search.status"] == "reference"]
+    children = [c for c in children if c not in references]
     assert len(parents) == 1 and len(children) == df["trial_id"].nunique() == 3
+    # The reference rows are child runs too, with the table's values.
+    refs = read_results(tmp_path / "results" / "tracked", with_references=True).query("status == 'reference'")
+    assert sorted(r.data.tags["mae_search.reference"] for r in references) == ["random_init", "raw_pixels"]
+    for run in references:
+        row = refs[refs["reference"] == run.data.tags["mae_search.reference"]].iloc[0]
+        assert run.data.metrics["linear_probe_acc"] == pytest.approx(row["linear_probe_acc"])
+        assert run.info.status == "FINISHED" and run.info.run_name.startswith("reference: ")
     parent = parents[0]
     assert parent.data.tags["mae_search.search"] == "tracked" and "version.ray" in parent.data.tags
     assert "best.loss" in parent.data.metrics
