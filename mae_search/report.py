@@ -583,26 +583,35 @@ def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
 
 
 def plot_curves(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
+    """Per-trial curves of the objective (points joined across epochs without evaluation) and the
+    training loss, with the reference rows' means as horizontal lines on the objective."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = space.primary.metric
-    keys = [k for k in (metric, "loss") if k in table]
-    if not keys or table.empty:
+    refs = reference_rows(table)
+    trials = table[table["status"] != str(Status.REFERENCE)] if "status" in table else table
+    keys = [k for k in (space.primary.metric, "loss") if k in trials and trials[k].notna().any()]
+    if not keys or trials.empty:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for trial_id, rows in table.groupby("trial_id", sort=True):
+        for trial_id, rows in trials.groupby("trial_id", sort=True):
+            rows = rows.dropna(subset=[key])
             style = "--" if rows["status"].iloc[-1] == STATUS_STOPPED else "-"
-            ax.plot(rows["epoch"], rows[key], style, marker=".", alpha=0.8, label=trial_id)
+            ax.plot(rows["epoch"], rows[key] * metric(key).scale, style, marker=".", alpha=0.8, label=trial_id)
+        if key == space.primary.metric and "reference" in refs:
+            for (kind, group), color in zip(refs.groupby("reference", sort=True), ("0.3", "0.6"), strict=False):
+                if key in group and group[key].notna().any():
+                    ax.axhline(group[key].mean() * metric(key).scale, color=color, linestyle=":",
+                               label=REFERENCE_LABELS[kind])
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+        ax.set_ylabel(metric(key).label.removesuffix(" (last epoch)"))
         ax.grid(alpha=0.3)
-    axes[0][0].set_title("learning curves (dashed: stopped by ASHA)")
-    if table["trial_id"].nunique() <= 12:
-        axes[0][-1].legend(fontsize=6, loc="best")
+    axes[0][0].set_title("learning curves (dashed: stopped by ASHA; dotted: references)")
+    if trials["trial_id"].nunique() <= 12:
+        axes[0][0].legend(fontsize=6, loc="best")
     return _png(fig)
 
 
