@@ -267,12 +267,12 @@ def _print_references(df) -> None:
 
 
 def _parse_assignment(text: str) -> tuple[str, object]:
-    import yaml
+    from mae_search.config import read_yaml
 
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), read_yaml(value, f"--set {text!r}")
 
 
 def main() -> None:

@@ -22,10 +22,16 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mae_search.config import ConfigError, TrainConfig, describe_validation_error, known_parameters
+from mae_search.config import (
+    ConfigError,
+    TrainConfig,
+    describe_validation_error,
+    known_parameters,
+    read_text,
+    read_yaml,
+)
 from mae_search.metrics import BY_NAME, NAMES
 
 
@@ -184,11 +190,7 @@ def load_search_space(path: str | Path, overrides: dict[str, Any] | None = None)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    raw = read_yaml(read_text(path), str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if overrides:

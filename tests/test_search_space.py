@@ -205,3 +205,26 @@ def test_experiment_name_cannot_leave_the_storage_directory(tmp_path, experiment
     text = VALID + f"experiment: '{experiment}'\n"
     with pytest.raises(ConfigError, match=r"space.yaml: experiment: String should"):
         load_search_space(write(tmp_path, text))
+
+
+def test_yaml_problems_are_one_line_with_their_position(tmp_path):
+    with pytest.raises(ConfigError, match=r"space.yaml: not valid YAML at line 3, column 1 \(duplicate key 'base'\)"):
+        load_search_space(write(tmp_path, "name: t\nbase: {}\nbase: {epochs: 2}\n"))
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3, column 1 \(expected ',' or '\]'"):
+        load_search_space(write(tmp_path, "name: t\nseeds: [1\n"))
+    with pytest.raises(ConfigError, match=r"could not determine a constructor for the tag .*python/object/apply"):
+        load_search_space(write(tmp_path, "name: !!python/object/apply:os.system [id]\n"))
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 9\)"):
+        load_search_space(path)
+
+
+def test_bad_set_values_are_one_line_errors_before_ray(tmp_path):
+    from tests.conftest import cli
+
+    for value, expected in (("epochs=[1", "--set 'epochs=[1': not valid YAML at line 1"),
+                            ("epochs=!!python/object/apply:os.system [id]", "could not determine a constructor")):
+        out = cli("search", "--storage", str(tmp_path / "r"), "--set", value, check=False)
+        assert out.returncode == 2 and expected in out.stdout and "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "r").exists()
