@@ -114,6 +114,7 @@ def search(
     mlflow: Annotated[bool, typer.Option(help="log the search to MLflow")] = True,
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
+    from mae_search.data import check_local_data
     from mae_search.ray_search import init_ray, run_search
     from mae_search.results import ResultsTableCallback, final_rows, read_results
     from mae_search.search_space import load_search_space
@@ -121,6 +122,8 @@ def search(
 
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
+        if address is None:  # on a cluster the path need only exist on the workers' nodes
+            check_local_data(space.base.data)
         search_dir = storage.expanduser().resolve() / space.name
         max_epochs = space.scheduler.max_epochs or space.base.epochs
         uri = resolve_tracking_uri(tracking_uri, storage) if mlflow else None
@@ -148,12 +151,18 @@ def search(
     _print_references(read_results(search_dir, with_references=True))
     console.print(f"{len(table)} trials in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
     unfinished = int((table["status"] == "running").sum())
+    failed = int((table["status"] == "failed").sum())
+    if failed:
+        console.print(f"[red]{failed} trial(s) failed[/]: their errors are in the table's error column")
     if unfinished or len(table) < space.total_trials():
         sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
         console.print(
             f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "
             f"mae-search search {space_file} --storage {storage}{sets} --resume"
         )
+        raise typer.Exit(130)  # as a shell reports an interrupted command
+    if failed:
+        raise typer.Exit(1)  # 0 only when every trial completed or was stopped by the scheduler
 
 
 @app.command("list")

@@ -117,6 +117,12 @@ def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> ImageSet:
 # --------------------------------------------------------------------------- real data
 
 
+def check_local_data(cfg: DataConfig) -> None:
+    """Before a local search starts Ray: the data path exists, so a typo fails in a second, not in every trial."""
+    if cfg.dataset != "synthetic_shapes":
+        _require_dir(cfg.path, f"data.path ({cfg.dataset})")
+
+
 def _require_dir(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():

@@ -228,3 +228,8 @@ def test_bad_set_values_are_one_line_errors_before_ray(tmp_path):
         out = cli("search", "--storage", str(tmp_path / "r"), "--set", value, check=False)
         assert out.returncode == 2 and expected in out.stdout and "Traceback" not in out.stdout + out.stderr
     assert not (tmp_path / "r").exists()
+    # A data path that does not exist fails in seconds, before Ray starts, naming the key and the path.
+    out = cli("search", "search_spaces/mask_ratio.yaml", "--storage", str(tmp_path / "r"),
+              "--set", f"data.path={tmp_path / 'stl10_binary'}", check=False)
+    assert out.returncode == 2 and "data.path (stl10): data path" in out.stdout and "does not exist" in out.stdout
+    assert "Ray:" not in out.stdout and not (tmp_path / "r").exists()
