@@ -67,6 +67,11 @@ def present(value: Any) -> bool:
     return value is not None and value == value and value != ""  # NaN is the only value unequal to itself
 
 
+def text(value: Any) -> str:
+    """A string column's value, with the table's holes (None, NaN) read as empty."""
+    return str(value) if present(value) else ""
+
+
 def reference_trial_id(kind: str, seed: int) -> str:
     return f"reference-{kind}-seed{seed}"
 
@@ -131,6 +136,6 @@ class TrialRecord:
         time_s = row.get("trial_time_s")
         return cls(search=row["search"], trial_id=row["trial_id"], seed=int(row["seed"]), params=params,
                    config=TrainConfig.model_validate(json.loads(row["config_json"])), epoch=int(row["epoch"]),
-                   metrics=metrics, status=Status(row["status"]), error=row.get("error") or "",
-                   checkpoint=row.get("checkpoint_path") or "", reference=row.get("reference") or "",
+                   metrics=metrics, status=Status(row["status"]), error=text(row.get("error")),
+                   checkpoint=text(row.get("checkpoint_path")), reference=text(row.get("reference")),
                    trial_time_s=float(time_s) if present(time_s) else None)

@@ -290,3 +290,22 @@ def test_failed_trial_is_recorded_with_its_error(tmp_path):
         ["f0", "failed", "RuntimeError: CUDA out of memory", 0]]
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
     assert "| f0 | failed | 0 | 0.5 | 0 | - |" in md and "**No trial has finished yet**" in md
+
+
+def test_trial_record_survives_the_table_round_trip(tmp_path):
+    """What a resumed search reloads is what it wrote: rows -> records -> rows, holes read as empty."""
+    from mae_search.record import Status, TrialRecord
+
+    search_dir, _ = record(tmp_path, with_mlflow=False)
+    table = pd.read_parquet(search_dir / "results.parquet")
+    records = [TrialRecord.from_row(row) for row in table.to_dict("records")]
+    assert {r.status for r in records} == {Status.COMPLETED, Status.STOPPED, Status.REFERENCE}
+    assert all(r.error == "" for r in records)
+    reference = next(r for r in records if r.status == Status.REFERENCE)
+    assert reference.reference in ("random_init", "raw_pixels") and reference.params == {}
+    trial = next(r for r in records if r.trial_id == "t5" and r.epoch == 1)
+    assert trial.params == {"masking.mask_ratio": 0.9} and trial.config.masking.mask_ratio == 0.9
+    assert trial.metrics["linear_probe_acc"] == pytest.approx((0.45 + 0.01) / 3)
+    again = pd.DataFrame.from_records([r.to_row() for r in records])
+    assert sorted(again.columns) == sorted(table.columns)
+    pd.testing.assert_frame_equal(again[table.columns], table, check_dtype=False)
