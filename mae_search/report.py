@@ -321,12 +321,8 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     if with_delta:
         headers.append(f"Δ {primary.label} vs {fmt_setting(baseline[0])} (95% CI)")
     headers.append("stopped / failed")
-    rows = []
-    for kind, label in REFERENCE_LABELS.items():
-        group = refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]
-        if not group.empty:
-            rows.append([label, str(len(group)), *[fmt_metric(m, group[m.name]) if m.name in group else "-"
-                                                   for m in metrics], *(["-"] if with_delta else []), "-"])
+    rows = [[label, str(len(group)), *cells, *(["-"] if with_delta else []), "-"]
+            for label, group, cells in reference_cells(refs, metrics)]
     first_setting = len(rows)
     groups = []
     for setting in settings:
@@ -352,7 +348,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     report.table(Table(name, headers, rows, None if best is None else first_setting + best, caption))
     if verdict:
         report.text(verdict)
-    margins = reference_margins(groups, labels, refs, space.primary.mode)
+    margins = reference_margins(groups, labels, refs)
     if margins:
         report.text(margins)
     missing = [label for label, g in zip(labels, groups, strict=True)
@@ -360,6 +356,16 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in declared if s not in settings]
     if missing:
         report.text(f"**Missing**: no finished trial yet for {', '.join(missing)}.")
+
+
+def reference_cells(refs: pd.DataFrame, metrics: list[Metric]) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """(label, rows, formatted metric cells) of each reference kind the table holds, in REFERENCE_LABELS order."""
+    out = []
+    for kind, label in REFERENCE_LABELS.items():
+        group = refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]
+        if not group.empty:
+            out.append((label, group, [fmt_metric(m, group[m.name]) if m.name in group else "-" for m in metrics]))
+    return out
 
 
 def _paired_text(diff: tuple[float, float, int] | None, spec: Metric) -> str:
@@ -389,7 +395,7 @@ def separable_best(groups: list[pd.DataFrame], labels: list[str], spec: Metric |
     return best, f"Best {spec.label}: {labels[best]}, ahead of the runner-up {labels[runner]} by {delta}."
 
 
-def reference_margins(groups: list[pd.DataFrame], labels: list[str], refs: pd.DataFrame, mode: str) -> str:
+def reference_margins(groups: list[pd.DataFrame], labels: list[str], refs: pd.DataFrame) -> str:
     """Each setting's margin over the random-init reference (paired by seed) and over raw pixels, per metric."""
     if refs.empty or "reference" not in refs:
         return ""
@@ -462,10 +468,7 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
     params = [c for c in done.columns if c.startswith("param.")]
     metrics = [m for m in METRICS if m.in_tables and m.name in done.columns]
     headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
-    rows = [[label, *["-" for _ in params], *[fmt_metric(m, group[m.name]) if m.name in group else "-"
-                                              for m in metrics]]
-            for kind, label in REFERENCE_LABELS.items()
-            if not (group := refs[refs["reference"] == kind] if "reference" in refs else refs.iloc[0:0]).empty]
+    rows = [[label, *["-" for _ in params], *cells] for label, _, cells in reference_cells(refs, metrics)]
     first_trial = len(rows)
     rows += [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
               *[fmt_metric(m, pd.Series([r[m.name]])) for m in metrics]] for _, r in done.iterrows()]
