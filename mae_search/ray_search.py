@@ -1,9 +1,10 @@
 """Ray wiring: each Tune trial launches a Ray Train ``TorchTrainer`` running the MAE trainer.
 
 Ray 2.60 uses Train V2, where a Trainer cannot be handed to a Tuner. Instead
-the Tune trainable (:func:`run_trial`) builds a TorchTrainer and calls
-``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, so
-Optuna sees them and ASHA can stop the trial between epochs.
+the Tune trainable (:func:`run_trial`) builds a TorchTrainer per seed it
+trains and calls ``fit()``; a Train callback forwards every epoch's metrics
+to the trial, which reports the mean over its seeds to Tune, so Optuna sees
+them and ASHA can stop the trial between epochs.
 
 Layout under ``<storage>/<search name>/``: Tune's experiment state, one
 ``train_runs/<trial id>/`` per trial (Ray Train checkpoints; a failed worker
@@ -16,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,15 @@ import ray.train
 import ray.train.torch
 import torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.util.queue import Empty, Queue
 
 from mae_search.checkpoint import CHECKPOINT_FILE
 from mae_search.config import ConfigError, TrainConfig
 from mae_search.data import load_data
 from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
+from mae_search.metrics import BY_NAME
+from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
 from mae_search.results import SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
 from mae_search.train import Trainer, resolve_device
@@ -62,6 +68,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             trainer.resume(Path(ckpt_dir) / CHECKPOINT_FILE)
         restored_from = trainer.epoch
+        # The epochs the checkpoint holds, re-sent once: any the search did not record before the fault
+        # (a Ctrl-C between checkpoint and result, or a seed that ran ahead of the others) are recorded now.
+        ray.train.report({REPLAY_KEY: replayed_history(trainer.history, checkpoint.path)}, checkpoint=None)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
         report = {**metrics, "pretrain_time_s": sum(h["epoch_time_s"] for h in t.history),
@@ -75,6 +84,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     trainer.fit(on_epoch_end)
+
+
+def replayed_history(history: list[dict[str, float]], checkpoint_path: str) -> list[dict[str, Any]]:
+    """A restored trainer's per-epoch metrics as they were reported (the last epoch with its checkpoint)."""
+    out, elapsed = [], 0.0
+    for metrics in history:
+        elapsed += metrics.get("epoch_time_s", 0.0)
+        out.append({**metrics, "pretrain_time_s": elapsed, "checkpoint_path": ""})
+    if out:
+        out[-1]["checkpoint_path"] = checkpoint_path
+    return out
 
 
 # --------------------------------------------------------------------------- reference rows
@@ -113,13 +133,78 @@ def run_references(space: SearchSpace, search_dir: Path) -> int:
 # --------------------------------------------------------------------------- trial driver
 
 
-def run_trial(config: dict[str, Any], space: SearchSpace, storage: str) -> None:
-    """Tune trainable: one trial = one (possibly multi-worker) Ray Train run."""
-    params = {k: v for k, v in config.items() if k != "seed"}
-    cfg = space.trial_config(params, seed=int(config["seed"]))
+REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs its checkpoint holds
+
+
+class SeedReportCallback(ray.train.UserCallback):
+    """Forwards one seed's Ray Train reports (rank 0's metrics, the checkpoint path) to its trial's driver.
+
+    Ray's ``TuneReportCallback`` does the same for a trial of one Train run; a
+    seed-averaged trial runs several and must hold each epoch until every seed
+    has reported it, so the reports go to a queue the trial's driver reads.
+    """
+
+    def __init__(self, queue: Queue, seed: int) -> None:
+        self.queue, self.seed = queue, seed
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put((self.seed, dict(metrics[0]), checkpoint.path if checkpoint else ""))
+
+
+class SeedAverager:
+    """Turns the seeds' per-epoch reports into the trial's results: one per epoch, once every seed has it.
+
+    The result carries the mean over seeds under each metric's own name (what
+    Optuna optimises and ASHA compares at its rungs), ``<metric>_std`` for the
+    registry's metrics, and each seed's own values under ``per_seed``, which
+    the results table and MLflow record. Epochs replayed by a restored seed
+    complete the epochs the others still need; an epoch is reported once per
+    trial run.
+    """
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds = list(seeds)
+        self.pending: dict[int, dict[int, dict[str, Any]]] = {}  # epoch -> seed -> its report
+        self.reported: set[int] = set()
+
+    def add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
+        """One report of one seed; returns the trial results it completes, in epoch order."""
+        if REPLAY_KEY in metrics:
+            return [out for entry in metrics[REPLAY_KEY]
+                    for out in self._add(seed, {**entry, REPLAYED_KEY: True}, entry.get("checkpoint_path", ""))]
+        return self._add(seed, metrics, checkpoint)
+
+    def _add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
+        epoch = int(metrics["epoch"])
+        if epoch in self.reported:
+            return []
+        self.pending.setdefault(epoch, {})[seed] = {**metrics, "checkpoint_path": checkpoint}
+        ready = []
+        for e in sorted(self.pending):
+            if len(self.pending[e]) < len(self.seeds):
+                break
+            ready.append(self.result(e, self.pending.pop(e)))
+            self.reported.add(e)
+        return ready
+
+    def result(self, epoch: int, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        values = [numbers(entry) for entry in entries.values()]
+        keys = sorted(set.intersection(*(set(v) for v in values)) - {"epoch"})
+        out: dict[str, Any] = {k: statistics.fmean(v[k] for v in values) for k in keys}
+        if len(entries) > 1:
+            out |= {f"{k}_std": statistics.stdev(v[k] for v in values) for k in keys if k in BY_NAME}
+        else:
+            out["checkpoint_path"] = next(iter(entries.values()))["checkpoint_path"]
+        out |= {"epoch": epoch, "seeds": len(entries), PER_SEED_KEY: {str(s): e for s, e in sorted(entries.items())}}
+        return out
+
+
+def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig,
+                 queue: Queue) -> ray.train.torch.TorchTrainer:
+    """The Ray Train run of one seed of a trial. Its name is fixed by (trial, seed), so a restarted
+    trial's run restores from its own checkpoints."""
     res = space.resources
-    trial_id = tune.get_context().get_trial_id()
-    trainer = ray.train.torch.TorchTrainer(
+    return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(
@@ -128,15 +213,53 @@ def run_trial(config: dict[str, Any], space: SearchSpace, storage: str) -> None:
             resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=trial_id,
+            name=seed_trial_id(trial_id, cfg.seed, space.seed_averaged),
             storage_path=str(Path(storage) / space.name / TRAIN_RUNS_DIR),
             failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=[SeedReportCallback(queue, cfg.seed)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    trainer.fit()
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel_seeds: int = 1) -> None:
+    """Tune trainable: one trial = one configuration, trained as one (possibly multi-worker) Ray Train
+    run per seed; ``parallel_seeds`` of them run at once (what the cluster holds, see plan_concurrency)."""
+    trial_id = tune.get_context().get_trial_id()
+    params, _ = split_config(config)
+    seeds = space.seeds_of_trial(config)
+    queue = Queue(actor_options={"num_cpus": 0})
+    slots = threading.Semaphore(parallel_seeds)
+    errors: list[BaseException] = []
+
+    def fit(seed: int) -> None:
+        with slots:
+            try:
+                seed_trainer(space, storage, trial_id, space.trial_config(params, seed), queue).fit()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the trial's thread below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=fit, args=(seed,), daemon=True) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    averager = SeedAverager(seeds)
+    while True:
+        item = next_report(queue)
+        if item is not None:
+            for result in averager.add(*item):
+                tune.report(result)
+        elif errors:  # a seed's run failed for good (past its max_failures): the trial fails with its error
+            raise errors[0]
+        elif not any(t.is_alive() for t in threads) and queue.empty():
+            return
+
+
+def next_report(queue: Queue, timeout_s: float = 0.5) -> tuple[int, dict[str, Any], str] | None:
+    try:
+        return queue.get(timeout=timeout_s)
+    except Empty:
+        return None
 
 
 # --------------------------------------------------------------------------- search driver
@@ -157,7 +280,8 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
             out[key] = tune.loguniform(*dim.loguniform)
         else:
             out[key] = tune.randint(dim.int[0], dim.int[1] + 1)
-    out["seed"] = tune.grid_search(space.seeds) if space.is_grid and len(space.seeds) > 1 else space.seeds[0]
+    seed_grid = space.is_grid and len(space.seeds) > 1 and not space.seed_averaged
+    out["seed"] = tune.grid_search(space.seeds) if seed_grid else space.seeds[0]
     return out
 
 
@@ -206,14 +330,62 @@ def make_searcher(space: SearchSpace, search_dir: str | Path) -> Any:
     return OptunaSearch(**common, metric=[o.metric for o in objectives], mode=[o.mode for o in objectives])
 
 
-def make_scheduler(space: SearchSpace, epochs: int) -> Any:
+ASHA_FILE = "asha_rungs.json"  # ASHA's rungs, so a resumed search continues them
+
+
+class PersistentASHA(ASHAScheduler):
+    """ASHA whose rungs survive a resume.
+
+    Tune saves the searcher's state with the experiment but not the
+    scheduler's: a restored search would start ASHA with empty rungs, so the
+    trials before the fault would no longer count towards any cutoff. This
+    writes the rungs (milestone -> {trial id: value}) to JSON after every
+    decision and reads them back when the search starts again. It keys
+    progress on the reported ``epoch``, not Tune's ``training_iteration``,
+    which restarts at 1 for a trial restored from its Train checkpoint.
+    """
+
+    def __init__(self, state_file: str | Path, **kwargs: Any) -> None:
+        super().__init__(time_attr="epoch", **kwargs)
+        self.state_file = str(state_file)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        ok = super().set_search_properties(metric, mode, **spec)
+        path = Path(self.state_file)
+        if path.is_file():
+            state = json.loads(path.read_text())
+            for bracket, rungs in zip(self._brackets, state["brackets"], strict=True):
+                bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+            self._num_stopped = state["num_stopped"]
+        return ok
+
+    def rung_counts(self) -> list[dict[int, int]]:
+        """Per bracket, how many trials each rung has recorded (what a resumed search must keep)."""
+        return [{milestone: len(recorded) for milestone, recorded in b._rungs} for b in self._brackets]
+
+    def _save(self) -> None:
+        state = {"brackets": [[[m, r] for m, r in b._rungs] for b in self._brackets],
+                 "num_stopped": self._num_stopped}
+        tmp = Path(self.state_file + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_file)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
+def make_scheduler(space: SearchSpace, epochs: int, search_dir: str | Path) -> Any:
     if space.scheduler.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     s = space.scheduler
-    return ASHAScheduler(
-        time_attr="training_iteration",  # metric/mode come from TuneConfig
+    return PersistentASHA(  # metric/mode come from TuneConfig
+        Path(search_dir) / ASHA_FILE,
         max_t=s.max_epochs or epochs,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
@@ -227,6 +399,7 @@ class ClusterPlan:
     concurrency: int
     cpus: float
     gpus: float
+    parallel_seeds: int = 1  # seeds of one seed-averaged trial that train at once
 
 
 def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPlan:
@@ -249,7 +422,10 @@ def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPl
             f"search '{space.name}': a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
             f"but the cluster has {cpus:g} CPU and {gpus:g} GPU (lower resources: in the space file)"
         )
-    return ClusterPlan(concurrency=min(space.max_concurrent_trials, fits), cpus=cpus, gpus=gpus)
+    # A seed-averaged trial trains its seeds side by side when they fit, else in turns; trials share the rest.
+    parallel_seeds = min(space.seeds_per_trial, fits)
+    concurrency = min(space.max_concurrent_trials, max(1, fits // parallel_seeds))
+    return ClusterPlan(concurrency=concurrency, cpus=cpus, gpus=gpus, parallel_seeds=parallel_seeds)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> str:
@@ -276,10 +452,16 @@ def describe_cluster(prefix: str) -> str:
     return f"{prefix} ({nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
 
 
-def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurrency: int) -> tune.Tuner:
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
+def trainable_for(space: SearchSpace, storage: str, plan: ClusterPlan) -> Any:
+    """The Tune trainable, bound to the space and this cluster's plan (rebuilt on resume, so re-planned)."""
+    return tune.with_resources(
+        tune.with_parameters(run_trial, space=space, storage=storage, parallel_seeds=plan.parallel_seeds),
+        DRIVER_RESOURCES,
     )
+
+
+def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], plan: ClusterPlan) -> tune.Tuner:
+    trainable = trainable_for(space, storage, plan)
     base = space.base
     single = len(space.objectives) == 1
     return tune.Tuner(
@@ -289,9 +471,9 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], concurre
             metric=space.primary.metric if single else None,
             mode=space.primary.mode if single else None,
             search_alg=make_searcher(space, Path(storage) / space.name),
-            scheduler=make_scheduler(space, base.epochs),
+            scheduler=make_scheduler(space, base.epochs, Path(storage) / space.name),
             num_samples=space.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=plan.concurrency,
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
@@ -360,17 +542,15 @@ def run_search(
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
         check_resumable(space, exp_dir, plan)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, space=space, storage=storage), DRIVER_RESOURCES
-        )
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable_for(space, storage, plan), resume_errored=True)
     else:
         if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(
                 f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
             )
-        tuner = build_tuner(space, storage, callbacks or [], plan.concurrency)
+        tuner = build_tuner(space, storage, callbacks or [], plan)
         exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / ASHA_FILE).unlink(missing_ok=True)  # rungs of an earlier attempt that never started Tune
         (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))  # the record --resume checks against
         (exp_dir / PLAN_FILE).write_text(json.dumps({"concurrency": plan.concurrency}))
     run_references(space, exp_dir)

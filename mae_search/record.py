@@ -30,6 +30,7 @@ TAG_SEARCH = "mae_search.search"
 TAG_KIND = "mae_search.kind"  # "search" on the parent run
 TAG_TRIAL_ID = "mae_search.trial_id"
 TAG_SEED = "mae_search.seed"
+TAG_TUNE_TRIAL = "mae_search.tune_trial_id"  # the configuration's Tune trial, on each seed's run when seed-averaged
 TAG_STATUS = "mae_search.status"
 TAG_REFERENCE = "mae_search.reference"
 TAG_ERROR = "mae_search.error"
@@ -58,8 +59,16 @@ def status_after(last_epoch: int, max_epochs: int) -> Status:
 
 
 # Results-table columns that are not metrics (besides the param.<key> columns).
-ROW_FIELDS = frozenset({"search", "trial_id", "status", "error", "seed", "epoch", "config_json", "reference",
-                        "trial_time_s", "checkpoint_path"})
+ROW_FIELDS = frozenset({"search", "trial_id", "tune_trial_id", "status", "error", "seed", "epoch", "config_json",
+                        "reference", "trial_time_s", "checkpoint_path"})
+# Keys Tune adds to every result (and the epoch, which is the step, not a metric).
+TUNE_KEYS = frozenset({
+    "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
+    "time_since_restore", "iterations_since_restore", "timestamp", "checkpoint_dir_name", "experiment_tag",
+    "time_total_s", "should_checkpoint", "checkpoint_path", "epoch",
+})
+PER_SEED_KEY = "per_seed"  # a trial's Tune result: {seed: that seed's metrics} beside the mean over seeds
+REPLAYED_KEY = "replayed"  # a per-seed entry re-sent after a restore (the consumers may already hold it)
 
 
 def present(value: Any) -> bool:
@@ -70,6 +79,11 @@ def present(value: Any) -> bool:
 def text(value: Any) -> str:
     """A string column's value, with the table's holes (None, NaN) read as empty."""
     return str(value) if present(value) else ""
+
+
+def seed_trial_id(tune_trial_id: str, seed: int, seed_averaged: bool) -> str:
+    """A seed's own id: the Tune trial's, or ``<tune trial>-seed<k>`` when one trial trains several seeds."""
+    return f"{tune_trial_id}-seed{seed}" if seed_averaged else tune_trial_id
 
 
 def reference_trial_id(kind: str, seed: int) -> str:
@@ -90,13 +104,16 @@ class TrialRecord:
     checkpoint: str = ""
     reference: str = ""  # random_init | raw_pixels for reference rows
     trial_time_s: float | None = None
+    tune_trial_id: str = ""  # the Tune trial (one configuration); several seeds share it when seed-averaged
 
     @classmethod
-    def start(cls, space: Any, trial_id: str, config: dict[str, Any]) -> TrialRecord:
-        """A trial as it starts: identity and resolved configuration (the only place it is resolved)."""
-        params, seed = split_config(config)
-        return cls(search=space.name, trial_id=trial_id, seed=seed, params=params,
-                   config=space.trial_config(params, seed))
+    def for_trial(cls, space: Any, trial_id: str, config: dict[str, Any]) -> list[TrialRecord]:
+        """A Tune trial as it starts, one record per seed it trains: identity and resolved configuration
+        (the only place a trial's configuration is resolved)."""
+        params, _ = split_config(config)
+        return [cls(search=space.name, trial_id=seed_trial_id(trial_id, seed, space.seed_averaged), seed=seed,
+                    params=params, config=space.trial_config(params, seed), tune_trial_id=trial_id)
+                for seed in space.seeds_of_trial(config)]
 
     def at_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: str = "",
                  trial_time_s: float | None = None) -> TrialRecord:
@@ -113,7 +130,8 @@ class TrialRecord:
     def to_row(self) -> dict[str, Any]:
         """The results-table form (see results.py for the columns)."""
         row: dict[str, Any] = {
-            "search": self.search, "trial_id": self.trial_id, "status": str(self.status), "error": self.error,
+            "search": self.search, "trial_id": self.trial_id, "tune_trial_id": self.tune_trial_id,
+            "status": str(self.status), "error": self.error,
             "seed": self.seed, "epoch": self.epoch,
             **{f"{PARAM_PREFIX}{k}": v for k, v in self.params.items()},
             **self.metrics,
@@ -138,4 +156,31 @@ class TrialRecord:
                    config=TrainConfig.model_validate(json.loads(row["config_json"])), epoch=int(row["epoch"]),
                    metrics=metrics, status=Status(row["status"]), error=text(row.get("error")),
                    checkpoint=text(row.get("checkpoint_path")), reference=text(row.get("reference")),
-                   trial_time_s=float(time_s) if present(time_s) else None)
+                   trial_time_s=float(time_s) if present(time_s) else None,
+                   tune_trial_id=text(row.get("tune_trial_id")))
+
+
+def numbers(values: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a reported dict (bools and nested values are not metrics)."""
+    return {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def epoch_records(starts: list[TrialRecord], result: dict[str, Any]) -> list[tuple[TrialRecord, bool]]:
+    """One Tune result of a trial -> (the record of each seed at that epoch, whether it was replayed).
+
+    ``starts`` are the trial's :meth:`TrialRecord.for_trial` records.
+    """
+    epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+    time_s = float(result.get("time_total_s", 0.0))
+    per_seed = result.get(PER_SEED_KEY)
+    if per_seed is None and len(starts) == 1:  # a one-seed trial's result is that seed's report
+        per_seed = {str(starts[0].seed): result}
+    out = []
+    for start in starts:
+        entry = (per_seed or {}).get(str(start.seed))
+        if entry is None:
+            continue
+        metrics = {k: v for k, v in numbers(entry).items() if k not in TUNE_KEYS}
+        out.append((start.at_epoch(epoch, metrics, entry.get("checkpoint_path") or "", time_s),
+                    bool(entry.get(REPLAYED_KEY))))
+    return out

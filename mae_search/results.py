@@ -20,19 +20,11 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from mae_search.record import RESULTS_FILE, SPACE_FILE, Status, TrialRecord, status_after
+from mae_search.record import RESULTS_FILE, SPACE_FILE, TUNE_KEYS, Status, TrialRecord, epoch_records, status_after
 
 # Kept as names for the modules that compare table columns with them.
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED, STATUS_REFERENCE = (
     Status.RUNNING.value, Status.COMPLETED.value, Status.STOPPED.value, Status.FAILED.value, Status.REFERENCE.value)
-# Keys Tune adds to every result (and the epoch, which is the step, not a metric).
-TUNE_KEYS = frozenset({
-    "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
-    "time_since_restore", "iterations_since_restore", "timestamp", "checkpoint_dir_name", "experiment_tag",
-    "time_total_s", "should_checkpoint", "checkpoint_path", "epoch",
-})
-
-
 def reported_metrics(result: dict[str, Any]) -> dict[str, int | float]:
     """The numbers the trainer reported in a Tune result, without Tune's bookkeeping."""
     return {k: v for k, v in result.items()
@@ -117,7 +109,7 @@ class ResultsTableCallback(Callback):
         self.max_epochs = max_epochs
         self.space = space
         self.records: dict[tuple[str, int], TrialRecord] = {}
-        self.started: dict[str, TrialRecord] = {}  # trial id -> its record before any epoch
+        self.started: dict[str, list[TrialRecord]] = {}  # Tune trial id -> its seeds' records before any epoch
 
     def setup(self, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,34 +118,39 @@ class ResultsTableCallback(Callback):
                 record = TrialRecord.from_row(row)
                 self.records[(record.trial_id, record.epoch)] = record
 
-    def _start(self, trial: Any) -> TrialRecord:
+    def _start(self, trial: Any) -> list[TrialRecord]:
         if trial.trial_id not in self.started:
-            self.started[trial.trial_id] = TrialRecord.start(self.space, trial.trial_id, dict(trial.config))
+            self.started[trial.trial_id] = TrialRecord.for_trial(self.space, trial.trial_id, dict(trial.config))
         return self.started[trial.trial_id]
 
-    def _trial_records(self, trial_id: str) -> list[tuple[int, TrialRecord]]:
-        return [(epoch, r) for (t, epoch), r in self.records.items() if t == trial_id]
+    def _trial_records(self, trial: Any) -> list[tuple[tuple[str, int], TrialRecord]]:
+        """Every recorded epoch of every seed of a Tune trial."""
+        ids = {r.trial_id for r in self._start(trial)}
+        return [(key, r) for key, r in self.records.items() if key[0] in ids]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = int(result.get("epoch", result["training_iteration"]))
-        record = self._start(trial).at_epoch(epoch, reported_metrics(result), result.get("checkpoint_path") or "",
-                                             float(result.get("time_total_s", 0.0)))
-        self.records[(trial.trial_id, epoch)] = record
+        for record, _ in epoch_records(self._start(trial), result):
+            key = (record.trial_id, record.epoch)
+            known = self.records.get(key)
+            if known is not None and not record.checkpoint:  # a replayed epoch keeps the checkpoint it had
+                record = record.at_epoch(record.epoch, record.metrics, known.checkpoint, record.trial_time_s)
+            self.records[key] = record
         self._write()
 
-    def _end(self, trial_id: str, status: Status, error: str = "") -> None:
-        for epoch, record in self._trial_records(trial_id):
-            self.records[(trial_id, epoch)] = record.ended(status, error)
+    def _end(self, trial: Any, status: Status, error: str = "") -> None:
+        for key, record in self._trial_records(trial):
+            self.records[key] = record.ended(status, error)
         self._write()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = max((epoch for epoch, _ in self._trial_records(trial.trial_id)), default=0)
-        self._end(trial.trial_id, status_after(last, self.max_epochs))
+        last = max((key[1] for key, _ in self._trial_records(trial)), default=0)
+        self._end(trial, status_after(last, self.max_epochs))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if not self._trial_records(trial.trial_id):  # failed before its first epoch
-            self.records[(trial.trial_id, 0)] = self._start(trial)
-        self._end(trial.trial_id, Status.FAILED, trial_error(trial, 500))
+        for start in self._start(trial):  # a seed that failed before its first epoch still gets a row
+            if not any(key[0] == start.trial_id for key, _ in self._trial_records(trial)):
+                self.records[(start.trial_id, 0)] = start
+        self._end(trial, Status.FAILED, trial_error(trial, 500))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._write()
@@ -161,7 +158,7 @@ class ResultsTableCallback(Callback):
     def table(self) -> pd.DataFrame:
         df = pd.DataFrame.from_records([r.to_row() for _, r in sorted(self.records.items())])
         if not df.empty:
-            front = ["search", "trial_id", "status", "error", "seed", "epoch"]
+            front = ["search", "trial_id", "tune_trial_id", "status", "error", "seed", "epoch"]
             df = df[front + [c for c in df.columns if c not in front]]
         return df
 

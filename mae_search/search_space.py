@@ -119,6 +119,8 @@ class SearchSpace(_Strict):
     objectives: list[Objective] | None = None
     num_samples: int = Field(1, ge=1, description="Optuna: trials; grid: repetitions of the whole grid")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds_per_trial: int = Field(
+        1, ge=1, le=64, description="train every configuration on this many seeds and optimise their mean")
     sampler: Literal["tpe", "random", "cmaes", "nsga2", "gp"] = "tpe"
     scheduler: SchedulerSpec = SchedulerSpec()
     initial_points: list[dict[str, Any]] = Field(
@@ -142,6 +144,14 @@ class SearchSpace(_Strict):
             raise ValueError("give either metric/mode or objectives, not both")
         if len(self.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("ASHA needs a single metric; use scheduler: {type: none} with several objectives")
+        k = self.seeds_per_trial
+        if k > 1 and len(self.seeds) == 1:  # seeds: [s] with k seeds per trial means s, s+1, ..., s+k-1
+            self.seeds = [self.seeds[0] + i for i in range(k)]
+        if k > 1 and len(self.seeds) != k:
+            raise ValueError(f"seeds_per_trial {k}: give one seed (the first of {k}) or exactly {k} seeds, "
+                             f"not {len(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} repeats a seed")
         return self
 
     # ----------------------------------------------------------------- derived
@@ -161,6 +171,15 @@ class SearchSpace(_Strict):
             return self.factor
         return next(iter(self.dimensions)) if len(self.dimensions) == 1 else None
 
+    @property
+    def seed_averaged(self) -> bool:
+        """Each trial trains its configuration on every seed and reports their mean (seeds_per_trial > 1)."""
+        return self.seeds_per_trial > 1
+
+    def seeds_of_trial(self, config: dict[str, Any]) -> list[int]:
+        """The seeds a Tune trial trains: all of them for a seed-averaged space, else the trial's own."""
+        return list(self.seeds) if self.seed_averaged else [int(config.get("seed", self.seeds[0]))]
+
     def trial_config(self, params: dict[str, Any], seed: int) -> TrainConfig:
         """Resolve a trial's parameters (variant names expand to their settings) into a TrainConfig."""
         overrides: dict[str, Any] = {}
@@ -177,7 +196,8 @@ class SearchSpace(_Strict):
 
     def total_trials(self) -> int:
         if self.is_grid:
-            return max(1, self.grid_size()) * len(self.seeds) * self.num_samples
+            seed_trials = 1 if self.seed_averaged else len(self.seeds)
+            return max(1, self.grid_size()) * seed_trials * self.num_samples
         return self.num_samples
 
 
@@ -262,6 +282,7 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
             need = "every_eval (ASHA compares it at every rung)" if space.scheduler.type == "asha" else "end"
             raise ConfigError(f"{source}: base.eval.{variant}.at is '{at}' but the objective '{objective.metric}' "
                               f"needs {need}")
-    if not space.is_grid and len(space.seeds) > 1:
-        raise ConfigError(f"{source}: seeds: several seeds per configuration need a grid search (all dimensions grid)")
+    if not space.is_grid and len(space.seeds) > 1 and not space.seed_averaged:
+        raise ConfigError(f"{source}: seeds: an Optuna search runs several seeds per configuration only with "
+                          f"seeds_per_trial: {len(space.seeds)} (the trial then reports their mean)")
     return space

@@ -44,8 +44,10 @@ from mae_search.record import (
     TAG_SEED,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    TAG_TUNE_TRIAL,
     Status,
     TrialRecord,
+    epoch_records,
     status_after,
 )
 from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
@@ -276,16 +278,18 @@ class MLflowSearchCallback(Callback):
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def _child(self, trial: Any) -> str | None:
-        if trial.trial_id in self.children or self.parent_id is None:
-            return self.children.get(trial.trial_id)
-        record = TrialRecord.start(self.space, trial.trial_id, dict(trial.config))
+    def _child(self, record: TrialRecord) -> str | None:
+        """The child run of one seed of a trial (created on first use)."""
+        if record.trial_id in self.children or self.parent_id is None:
+            return self.children.get(record.trial_id)
         cfg = record.config
         tags = {"mlflow.parentRunId": self.parent_id, TAG_SEARCH: record.search, TAG_TRIAL_ID: record.trial_id,
                 TAG_SEED: str(record.seed), TAG_STATUS: str(Status.RUNNING)}
-        run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags=tags)
+        if record.tune_trial_id and record.tune_trial_id != record.trial_id:
+            tags[TAG_TUNE_TRIAL] = record.tune_trial_id
+        run = self.client.create_run(self.experiment_id, run_name=record.trial_id, tags=tags)
         run_id = run.info.run_id
-        self.children[trial.trial_id] = run_id
+        self.children[record.trial_id] = run_id
         self._log_params(run_id, flatten_config(cfg))
         searched = {f"{TAG_SEARCHED_PREFIX}{k}": str(v) for k, v in record.params.items()}
         if searched:
@@ -297,27 +301,34 @@ class MLflowSearchCallback(Callback):
         self._save_state()
         return run_id
 
+    def _seeds(self, trial: Any) -> list[TrialRecord]:
+        return TrialRecord.for_trial(self.space, trial.trial_id, dict(trial.config))
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safe("trial start", self._child, trial)
+        for record in self._seeds(trial):
+            self._safe("trial start", self._child, record)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._safe("metrics", self._log_result, trial, result)
+        for record, replayed in epoch_records(self._seeds(trial), result):
+            self._safe("metrics", self._log_epoch, record, replayed)
 
-    def _log_result(self, trial: Any, result: dict) -> None:
+    def _log_epoch(self, record: TrialRecord, replayed: bool) -> None:
+        """One seed's epoch; an epoch replayed after a restore is logged only if this run lacks it."""
         from mlflow.entities import Metric
 
-        from mae_search.results import reported_metrics
-
-        run_id = self._child(trial)
-        epoch = int(result.get("epoch", result["training_iteration"]))
+        run_id = self._child(record)
+        epoch = record.epoch
+        if replayed and any(m.step == epoch for m in self.client.get_metric_history(run_id, "epoch_time_s")):
+            return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, epoch) for k, v in reported_metrics(result).items()]
-        metrics.append(Metric("trial_time_s", float(result.get("time_total_s", 0.0)), now, epoch))
+        metrics = [Metric(k, float(v), now, epoch) for k, v in record.metrics.items()]
+        metrics.append(Metric("trial_time_s", float(record.trial_time_s or 0.0), now, epoch))
         self.client.log_batch(run_id, metrics=metrics)
-        ckpt = result.get("checkpoint_path")
+        ckpt = record.checkpoint
         if ckpt and epoch in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
             self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
-        self.last_ckpt[trial.trial_id] = (epoch, ckpt)
+        if epoch >= self.last_ckpt.get(record.trial_id, (0, None))[0]:
+            self.last_ckpt[record.trial_id] = (epoch, ckpt or None)
 
     def _log_grid(self, run_id: str, grid: Path, epoch: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -326,16 +337,18 @@ class MLflowSearchCallback(Callback):
             self.client.log_artifact(run_id, str(named), "reconstruction")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safe("trial end", self._end_trial, trial, None)
+        for record in self._seeds(trial):
+            self._safe("trial end", self._end_seed, record, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from mae_search.results import trial_error
 
-        self._safe("trial error", self._end_trial, trial, trial_error(trial, 4000))
+        for record in self._seeds(trial):
+            self._safe("trial error", self._end_seed, record, trial_error(trial, 4000))
 
-    def _end_trial(self, trial: Any, error: str | None) -> None:
-        run_id = self._child(trial)
-        epoch, ckpt = self.last_ckpt.get(trial.trial_id, (0, None))
+    def _end_seed(self, record: TrialRecord, error: str | None) -> None:
+        run_id = self._child(record)
+        epoch, ckpt = self.last_ckpt.get(record.trial_id, (0, None))
         if error is not None:
             self.client.set_tag(run_id, TAG_STATUS, str(Status.FAILED))
             self.client.set_tag(run_id, TAG_ERROR, error)

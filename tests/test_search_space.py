@@ -88,7 +88,7 @@ def test_seeds_multiply_grid_and_param_space(tmp_path):
     assert space.total_trials() == 6
     assert param_space(space)["seed"] == {"grid_search": [0, 1, 2]}
     optuna = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}") + "seeds: [0, 1]\n"
-    with pytest.raises(ConfigError, match="several seeds per configuration need a grid"):
+    with pytest.raises(ConfigError, match="several seeds per configuration only with seeds_per_trial: 2"):
         load_search_space(write(tmp_path, optuna))
 
 
@@ -138,7 +138,7 @@ def test_searchers_follow_the_file(tmp_path):
     study = optuna.load_study(study_name="t", storage=optuna_storage_url(tmp_path / "search"))
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     assert [t.params["masking.mask_ratio"] for t in study.trials] == [config["masking.mask_ratio"]]
-    assert make_scheduler(space, 3) is None
+    assert make_scheduler(space, 3, tmp_path) is None
     with pytest.raises(ConfigError, match="ASHA needs a single metric"):
         load_search_space(write(tmp_path, two.replace("scheduler: {type: none}\n", "")))
 
