@@ -149,7 +149,9 @@ def search(
         _fail(f"search '{space.name}' ended before any trial reported a result")
     _print_trials(table, space.primary.metric, space.primary.mode)
     _print_references(read_results(search_dir, with_references=True))
-    console.print(f"{len(table)} trials in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
+    seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
+    console.print(f"{table['tune_trial_id'].nunique() if 'tune_trial_id' in table else len(table)} trials{seeds} "
+                  f"in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
     unfinished = int((table["status"] == "running").sum())
     failed = int((table["status"] == "failed").sum())
     if failed:
@@ -245,20 +247,29 @@ def ui(
 
 
 def _print_trials(df, metric: str, mode: str) -> None:
+    """The final row of each trial, best first; a seed-averaged trial is one row: mean ± std over its seeds."""
     from rich.table import Table
+
+    from mae_search.results import by_configuration
 
     if df.empty:
         console.print("no trial reported a result")
         return
     params = [c for c in df.columns if c.startswith("param.")]
+    df = by_configuration(df, metric)
+    averaged = (df["seeds"] > 1).any()
     df = df.sort_values(metric, ascending=mode == "min", na_position="last") if metric in df else df
-    table = Table("trial", "status", "seed", *[p.removeprefix("param.") for p in params], "epochs", metric)
+    seed_header = "seeds" if averaged else "seed"
+    table = Table("trial", "status", seed_header, *[p.removeprefix("param.") for p in params], "epochs", metric)
     for _, row in df.iterrows():
-        value = row.get(metric)
+        value, std = row.get(metric), row.get(f"{metric}_std")
+        shown = "-" if value is None or value != value else f"{value:.4g}"
+        if averaged and std == std and std is not None and shown != "-":
+            shown += f" ± {std:.2g}"
         table.add_row(
-            row["trial_id"], row["status"], str(row["seed"]), *[f"{row[p]:.4g}" if isinstance(row[p], float)
-                                                               else str(row[p]) for p in params],
-            str(row["epoch"]), "-" if value is None or value != value else f"{value:.4g}",
+            row["trial_id"], row["status"], str(row["seeds"] if averaged else row["seed"]),
+            *[f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in params],
+            str(row["epoch"]), shown,
         )
     console.print(table)
 

@@ -37,6 +37,7 @@ from mae_search.record import (
     TAG_SEED,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    TAG_TUNE_TRIAL,
     Status,
 )
 from mae_search.results import (
@@ -138,7 +139,7 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
             continue
         base = {"search": tags[TAG_SEARCH], "trial_id": tags[TAG_TRIAL_ID],
                 "status": tags.get(TAG_STATUS, str(Status.RUNNING)), "reference": tags.get(TAG_REFERENCE, ""),
-                "seed": int(tags.get(TAG_SEED, 0))}
+                "seed": int(tags.get(TAG_SEED, 0)), "tune_trial_id": tags.get(TAG_TUNE_TRIAL, "")}
         base.update({f"{PARAM_PREFIX}{k.removeprefix(TAG_SEARCHED_PREFIX)}": _parse(v) for k, v in tags.items()
                      if k.startswith(TAG_SEARCHED_PREFIX)})
         by_epoch: dict[int, dict[str, Any]] = {}
@@ -174,8 +175,11 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     params = sorted(c for c in df.columns if c.startswith("param."))
     metrics = [m.name for m in METRICS if m.name in df.columns]
     extra = [c for c in ("mask_ratio", "trial_time_s") if c in df.columns]
-    cols = ["search", "trial_id", "status", "reference", "seed", "epoch", *params, *metrics, *extra]
+    cols = ["search", "trial_id", "tune_trial_id", "status", "reference", "seed", "epoch", *params, *metrics, *extra]
     out = df[[c for c in cols if c in df.columns]].copy()
+    # The configuration a row belongs to: its Tune trial, shared by the seeds of a seed-averaged trial.
+    tune_ids = out["tune_trial_id"].fillna("").astype(str) if "tune_trial_id" in out else out["trial_id"]
+    out["tune_trial_id"] = tune_ids.where(tune_ids != "", out["trial_id"])
     if "reference" in out:
         out["reference"] = out["reference"].fillna("").astype(str)
     out["seed"] = out["seed"].astype(int)
@@ -463,20 +467,28 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
     metric = space.primary.metric
     if done.empty or metric not in done:
         return
-    done = done.sort_values([metric, "trial_id"], ascending=[space.primary.mode == "min", True]).head(top)
     refs = reference_rows(table)
     params = [c for c in done.columns if c.startswith("param.")]
     metrics = [m for m in METRICS if m.in_tables and m.name in done.columns]
+    # One row per configuration: a seed-averaged trial's seeds are averaged (mean ± std), as Optuna saw them.
+    configs = [group for _, group in done.groupby("tune_trial_id", sort=False)]
+    sign = 1 if space.primary.mode == "min" else -1
+    configs.sort(key=lambda g: (sign * g[metric].mean(), g["tune_trial_id"].iloc[0]))
+    configs = configs[:top]
     headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
     rows = [[label, *["-" for _ in params], *cells] for label, _, cells in reference_cells(refs, metrics)]
     first_trial = len(rows)
-    rows += [[r["trial_id"], *[fmt_setting(_round(r[p])) for p in params],
-              *[fmt_metric(m, pd.Series([r[m.name]])) for m in metrics]] for _, r in done.iterrows()]
+    for group in configs:
+        first = group.iloc[0]
+        label = first["tune_trial_id"] + (f" ({len(group)} seeds)" if space.seed_averaged else "")
+        rows.append([label, *[fmt_setting(_round(first[p])) for p in params],
+                     *[fmt_metric(m, group[m.name]) for m in metrics]])
     report.heading("Best trials")
+    seeds = (f"mean ± std over each configuration's {space.seeds_per_trial} seeds, the objective the search "
+             "optimised" if space.seed_averaged else "one seed each, so the order among close trials is not a finding")
     caption = ("Reference rows: the same evaluation of the untrained encoder (fine-tuning it is training from "
-               "scratch) and of raw pixels. Trials: final metrics of finished trials, best first (one seed each, "
-               "so the order among close trials is not a finding).") if first_trial else ""
-    report.table(Table("best_trials", headers, rows, None, caption))
+               f"scratch) and of raw pixels. Trials: final metrics of finished trials, best first ({seeds}).")
+    report.table(Table("best_trials", headers, rows, None, caption if first_trial else ""))
 
 
 def _round(v: Any) -> Any:
@@ -653,10 +665,13 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     if space.description:
         report.text(space.description)
     final = final_rows(table) if not table.empty else table
-    counts = final["status"].value_counts().to_dict() if not final.empty else {}
+    # Counted per configuration (the seeds of a seed-averaged trial end together).
+    counts = final.groupby("tune_trial_id")["status"].first().value_counts().to_dict() if not final.empty else {}
     expected = sum(r.space.total_trials() for r in records)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
-    report.text(f"Trials recorded: {len(final)} of {expected} planned ({summary}). "
+    recorded = final["tune_trial_id"].nunique() if not final.empty else 0
+    each = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
+    report.text(f"Trials recorded: {recorded} of {expected} planned{each} ({summary}). "
                 f"Objective: {space.primary.mode} {space.primary.metric}.")
     if final.empty or not (final["status"] == STATUS_COMPLETED).any():
         report.text("**No trial has finished yet**: tables below will fill in as trials complete.")

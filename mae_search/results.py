@@ -67,6 +67,25 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
 
 
+def by_configuration(final: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Final rows -> one row per Tune trial (a configuration): the metric's mean and std over its seeds,
+    ``seeds`` counting them, ``trial_id`` the Tune trial's. Tables of a search without seed-averaged trials
+    come back one row per trial, as they were (``seeds`` = 1)."""
+    df = final.copy()
+    if "tune_trial_id" in df:
+        df["tune_trial_id"] = df["tune_trial_id"].where(df["tune_trial_id"].fillna("") != "", df["trial_id"])
+    else:
+        df["tune_trial_id"] = df["trial_id"]
+    groups = df.groupby("tune_trial_id", sort=False)
+    out = groups.head(1).set_index("tune_trial_id")
+    out["seeds"] = groups.size()
+    if metric in df:
+        out[metric] = groups[metric].mean()
+        out[f"{metric}_std"] = groups[metric].std()
+    out["epoch"] = groups["epoch"].max()
+    return out.reset_index(drop=False).assign(trial_id=lambda d: d["tune_trial_id"])
+
+
 def reference_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The reference rows of a results table (empty when the search recorded none)."""
     if "status" not in df:
