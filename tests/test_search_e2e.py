@@ -1,5 +1,6 @@
 """End-to-end searches through a real local Ray instance (started and stopped by each run)."""
 
+import json
 import os
 import signal
 import time
@@ -153,3 +154,106 @@ def test_search_joins_an_existing_cluster(tmp_path):
         assert still_up.stdout.strip().endswith("2.0")  # the search left the cluster running
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+SEED_AVERAGED_BODY = """
+dimensions:
+  optim.blr: {loguniform: [1.0e-7, 1.0e-2]}
+initial_points:
+  - {optim.blr: 5.0e-3}
+  - {optim.blr: 1.0e-7}
+metric: loss
+mode: min
+num_samples: 3
+seeds_per_trial: 2
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+max_concurrent_trials: 1
+"""
+
+
+def _checkpoint_times(run_dir: Path) -> list[float]:
+    return sorted(p.stat().st_mtime for p in run_dir.glob("checkpoint_*"))
+
+
+def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path):
+    import mlflow
+    import optuna
+
+    storage = tmp_path / "results"
+    space = micro_space(tmp_path, "avg", SEED_AVERAGED_BODY, epochs=3, num_train=256)
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    assert "3 trials x 2 seeds" in out.stdout
+    df = read_results(storage / "avg")
+    # Every configuration trained on both seeds, each seed its own row per epoch.
+    assert sorted(df.groupby("tune_trial_id")["seed"].apply(lambda s: tuple(sorted(set(s))))) == [(0, 1)] * 3
+    assert not df.duplicated(["trial_id", "epoch"]).any()
+    final = df.sort_values("epoch").groupby("trial_id").tail(1)
+    means = final.groupby("tune_trial_id")["loss"].mean()
+    # Optuna's persisted study holds the mean over seeds as each trial's value, not one seed's.
+    study = optuna.load_study(study_name="avg", storage=f"sqlite:///{storage / 'avg' / 'optuna.db'}")
+    values = sorted(t.value for t in study.trials if t.value is not None)
+    assert len(values) == 3 and np.allclose(values, sorted(means.values), rtol=1e-6)
+    # ASHA compared means: the poor learning rate was stopped at its first rung, on both seeds.
+    bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
+    assert bad["status"].tolist() == ["stopped_early"] * 2 and bad["epoch"].tolist() == [1, 1]
+    # The two seeds of a trial trained side by side on the 2 cores (their checkpoints interleave in time).
+    good = final[np.isclose(final["param.optim.blr"], 5e-3)]["tune_trial_id"].iloc[0]
+    runs = storage / "avg" / "train_runs"
+    seed0, seed1 = _checkpoint_times(runs / f"{good}-seed0"), _checkpoint_times(runs / f"{good}-seed1")
+    assert seed0 and seed1 and seed1[0] < seed0[-1] and seed0[0] < seed1[-1]
+    # MLflow: a child run per seed, every epoch logged once.
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("avg")
+    runs_by_id = {r.data.tags.get("mae_search.trial_id"): r for r in client.search_runs([exp.experiment_id])}
+    for trial_id, rows in df.groupby("trial_id"):
+        steps = [m.step for m in client.get_metric_history(runs_by_id[trial_id].info.run_id, "loss")]
+        assert sorted(steps) == sorted(rows["epoch"]), trial_id
+    # The report ranks configurations by their mean over seeds.
+    cli("report", str(storage / "avg"), "--out", str(tmp_path / "report"))
+    md = (tmp_path / "report" / "README.md").read_text()
+    assert f"| {good} (2 seeds) | 0.005 |" in md and "3 of 3 planned x 2 seeds" in md
+
+
+def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
+    """Interrupted after its first trial, a resumed search neither repeats a configuration (Optuna's history
+    continues) nor forgets ASHA's rungs (the poor trial is still cut at its first rung), and the table and
+    MLflow hold every trial-epoch exactly once."""
+    import mlflow
+
+    storage = tmp_path / "results"
+    space = micro_space(tmp_path, "resumed", ASHA_BLR_BODY.format(num_samples=3), epochs=3, num_train=256)
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    table = storage / "resumed" / "results.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if table.is_file() and (read_results(table)["status"] == "completed").any():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    before = read_results(table)
+    assert set(before["status"]) >= {"completed"} and before["trial_id"].nunique() < 3, output[-3000:]
+    rungs_before = json.loads((storage / "resumed" / "asha_rungs.json").read_text())
+
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--resume")
+    after = read_results(table)
+    final = after.sort_values("epoch").groupby("trial_id").tail(1)
+    assert len(final) == 3, out.stdout[-3000:]
+    blrs = sorted(final["param.optim.blr"])
+    assert len(set(np.round(np.log10(blrs), 6))) == 3, f"a configuration ran twice: {blrs}"
+    # The rungs recorded before the interruption are still there, and the 1e-7 trial was cut by them.
+    rungs_after = json.loads((storage / "resumed" / "asha_rungs.json").read_text())
+    for (milestone, recorded), (_, now) in zip(rungs_before["brackets"][0], rungs_after["brackets"][0], strict=True):
+        assert set(recorded) <= set(now), f"rung {milestone} lost trials on resume"
+    bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
+    assert bad["status"].item() == "stopped_early" and bad["epoch"].item() == 1
+    # Every trial-epoch exactly once, in the table and in MLflow.
+    assert not after.duplicated(["trial_id", "epoch"]).any()
+    for _, rows in after.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(1, rows["epoch"].max() + 1))
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("resumed")
+    runs = {r.data.tags.get("mae_search.trial_id"): r for r in client.search_runs([exp.experiment_id])}
+    for trial_id, rows in after.groupby("trial_id"):
+        steps = [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "loss")]
+        assert sorted(steps) == sorted(rows["epoch"]), trial_id

@@ -48,10 +48,12 @@ def test_seeds_per_trial_expands_one_seed_and_checks_the_list(tmp_path):
 
 def test_plan_trains_seeds_side_by_side_when_they_fit(tmp_path):
     space = load(tmp_path, OPTUNA + "seeds_per_trial: 2\nmax_concurrent_trials: 4\n")
-    assert (plan_concurrency(space, {"CPU": 2}).parallel_seeds, plan_concurrency(space, {"CPU": 2}).concurrency) == (2, 1)
-    assert (plan_concurrency(space, {"CPU": 8}).parallel_seeds, plan_concurrency(space, {"CPU": 8}).concurrency) == (2, 4)
-    one = plan_concurrency(space, {"CPU": 1})  # seeds take turns on a one-core cluster instead of waiting forever
-    assert (one.parallel_seeds, one.concurrency) == (1, 1)
+    def plan(cpus):
+        p = plan_concurrency(space, {"CPU": cpus})
+        return p.parallel_seeds, p.concurrency
+
+    assert plan(2) == (2, 1) and plan(8) == (2, 4)
+    assert plan(1) == (1, 1)  # seeds take turns on a one-core cluster instead of waiting forever
 
 
 def report(epoch, loss, acc=None):
