@@ -116,7 +116,7 @@ def search(
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     from mae_search.data import check_local_data
     from mae_search.ray_search import init_ray, run_search
-    from mae_search.results import ResultsTableCallback, final_rows, read_results
+    from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
     from mae_search.tracking import MLflowSearchCallback, check_tracking, configure_tracking, resolve_tracking_uri
 
@@ -140,7 +140,7 @@ def search(
         )
         console.print(init_ray(address, num_cpus))
         _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
-                               num_cpus=num_cpus)
+                               num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -149,14 +149,14 @@ def search(
         _fail(f"search '{space.name}' ended before any trial reported a result")
     _print_trials(table, space.primary.metric, space.primary.mode)
     _print_references(read_results(search_dir, with_references=True))
+    trials = by_configuration(table, space.primary.metric)  # a seed-averaged trial counts once
     seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
-    console.print(f"{table['tune_trial_id'].nunique() if 'tune_trial_id' in table else len(table)} trials{seeds} "
-                  f"in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
-    unfinished = int((table["status"] == "running").sum())
-    failed = int((table["status"] == "failed").sum())
+    console.print(f"{len(trials)} trials{seeds} in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
+    unfinished = int((trials["status"] == "running").sum())
+    failed = int((trials["status"] == "failed").sum())
     if failed:
         console.print(f"[red]{failed} trial(s) failed[/]: their errors are in the table's error column")
-    if unfinished or len(table) < space.total_trials():
+    if unfinished or len(trials) < space.total_trials():
         sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
         console.print(
             f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "

@@ -500,9 +500,10 @@ def first_difference(recorded: Any, given: Any, prefix: str = "") -> str | None:
     return None if recorded == given else f"{prefix[:-1]} (recorded {recorded!r}, now {given!r})"
 
 
-def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> None:
+def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> str | None:
     """--resume continues exactly the recorded search: refuse, in one line, anything that would mix
-    configurations (a changed file or --set) or hang it (a cluster too small for its concurrent trials)."""
+    configurations (a changed file or --set) or hang it (a cluster too small for its concurrent trials).
+    Returns a line for the user when the cluster could hold more concurrent trials than recorded."""
     record = exp_dir / SPACE_FILE
     if not record.is_file():
         raise ConfigError(f"search '{space.name}': {record} is missing, so there is no record to resume")
@@ -518,6 +519,12 @@ def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> Non
         raise ConfigError(f"search '{space.name}' runs {planned} trials at once, but this cluster holds "
                           f"{plan.concurrency} ({plan.cpus:g} CPU, {plan.gpus:g} GPU): resume on a cluster that "
                           f"holds {planned}")
+    if plan.concurrency > planned:
+        # Tune restores its concurrency limit with the experiment's searcher state; raising it would
+        # mean editing Tune's pickled state, so the resumed search keeps the recorded limit and says so.
+        return (f"resuming with {planned} concurrent trial(s) as recorded; this cluster could hold "
+                f"{plan.concurrency} (a new search would use them)")
+    return None
 
 
 def run_search(
@@ -528,6 +535,7 @@ def run_search(
     resume: bool = False,
     callbacks: list[Any] | None = None,
     num_cpus: int | None = None,
+    notify: Any = print,
 ) -> tuple[tune.ResultGrid, float]:
     """Run (or resume) a search to completion; returns Tune's ResultGrid and the wall time in seconds."""
     storage = str(Path(storage).expanduser().resolve())
@@ -541,7 +549,9 @@ def run_search(
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
-        check_resumable(space, exp_dir, plan)
+        note = check_resumable(space, exp_dir, plan)
+        if note:
+            notify(note)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable_for(space, storage, plan), resume_errored=True)
     else:
         if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):

@@ -191,7 +191,10 @@ def test_resume_refuses_a_changed_configuration_or_a_smaller_cluster(tmp_path):
     exp_dir.mkdir(parents=True)
     (exp_dir / "search_space.json").write_text(space.model_dump_json())
     (exp_dir / "plan.json").write_text('{"concurrency": 2}')
-    check_resumable(space, exp_dir, ClusterPlan(concurrency=2, cpus=2, gpus=0))  # the same search: fine
+    assert check_resumable(space, exp_dir, ClusterPlan(concurrency=2, cpus=2, gpus=0)) is None  # the same search
+    bigger = check_resumable(space, exp_dir, ClusterPlan(concurrency=4, cpus=4, gpus=0))
+    assert bigger == ("resuming with 2 concurrent trial(s) as recorded; this cluster could hold 4 "
+                      "(a new search would use them)")
     changed = load_search_space(write(tmp_path, VALID), overrides={"epochs": 5})  # e.g. a --set dropped or added
     with pytest.raises(ConfigError, match=r"differ at base.epochs \(recorded 3, now 5\)") as exc:
         check_resumable(changed, exp_dir, ClusterPlan(concurrency=2, cpus=2, gpus=0))
