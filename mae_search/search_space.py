@@ -29,6 +29,7 @@ from mae_search.config import (
     TrainConfig,
     describe_validation_error,
     known_parameters,
+    no_bool_numbers,
     read_text,
     read_yaml,
 )
@@ -37,6 +38,11 @@ from mae_search.metrics import BY_NAME, NAMES
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        return no_bool_numbers(cls, data)
 
 
 class Dimension(_Strict):
@@ -58,8 +64,15 @@ class Dimension(_Strict):
         kind = set_kinds[0]
         if kind in ("grid", "choice", "variants") and not getattr(self, kind):
             raise ValueError(f"{kind} needs at least one value")
+        if kind in ("grid", "choice"):
+            values = getattr(self, kind)
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if repeated is not None:
+                raise ValueError(f"{kind} lists {repeated!r} twice (it would run the same trials twice)")
         if kind in ("uniform", "loguniform", "int"):
             lo, hi = getattr(self, kind)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{kind} range [{lo}, {hi}] must be finite")
             if not lo < hi:
                 raise ValueError(f"{kind} range [{lo}, {hi}] must have low < high")
             if kind == "loguniform" and lo <= 0:
@@ -253,6 +266,13 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(
             f"{source}: scheduler.max_epochs {space.scheduler.max_epochs} exceeds base epochs {base.epochs}"
         )
+    if space.factor is not None and space.factor not in space.dimensions:
+        raise ConfigError(f"{source}: factor: '{space.factor}' is not one of the dimensions "
+                          f"({', '.join(space.dimensions) or 'none'})")
+    per_step = base.batch_size * space.resources.workers
+    if base.data.dataset == "synthetic_shapes" and per_step > base.data.num_train:
+        raise ConfigError(f"{source}: base.batch_size {base.batch_size} x resources.workers "
+                          f"{space.resources.workers} exceeds data.num_train {base.data.num_train}")
     if space.baseline is not None:
         factor = space.ablated_factor
         dim = space.dimensions.get(factor or "")

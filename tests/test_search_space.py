@@ -99,8 +99,8 @@ def test_asha_needs_per_epoch_evaluation(tmp_path):
 
 
 def test_overrides_apply_to_base(tmp_path):
-    space = load_search_space(write(tmp_path, VALID), overrides={"data.num_train": 64})
-    assert space.base.data.num_train == 64
+    space = load_search_space(write(tmp_path, VALID), overrides={"data.num_train": 256})
+    assert space.base.data.num_train == 256
     with pytest.raises(ConfigError, match="unknown parameter 'data.nope'"):
         load_search_space(write(tmp_path, VALID), overrides={"data.nope": 1})
 
