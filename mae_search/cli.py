@@ -115,10 +115,16 @@ def search(
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     from mae_search.data import check_local_data
-    from mae_search.ray_search import init_ray, run_search
+    from mae_search.ray_search import check_search_dir, init_ray, run_search
     from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
-    from mae_search.tracking import MLflowSearchCallback, check_tracking, configure_tracking, resolve_tracking_uri
+    from mae_search.tracking import (
+        MLflowSearchCallback,
+        check_tracking,
+        configure_tracking,
+        default_tracking_uri,
+        resolve_tracking_uri,
+    )
 
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
@@ -127,6 +133,8 @@ def search(
         search_dir = storage.expanduser().resolve() / space.name
         max_epochs = space.scheduler.max_epochs or space.base.epochs
         uri = resolve_tracking_uri(tracking_uri, storage) if mlflow else None
+        if uri and uri == default_tracking_uri(storage):
+            storage.mkdir(parents=True, exist_ok=True)  # the embedded store lives in the storage directory
         if uri:
             check_tracking(uri)
             console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
@@ -138,11 +146,13 @@ def search(
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
             f"results in {search_dir}"
         )
+        check_search_dir(space, storage, resume)  # before Ray starts
         console.print(init_ray(address, num_cpus))
         _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
                                num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
     except ValueError as exc:
-        _fail(str(exc))
+        message = str(exc)
+        _fail(f"{space_file}: {message}" if message.startswith("search '") else message)  # name the file too
     try:
         table = final_rows(read_results(search_dir))
     except FileNotFoundError:
@@ -180,8 +190,13 @@ def list_searches(
     if not dirs:
         _fail(f"no searches under {storage}")
     table = Table("search", "trials", "status", "objective", "best", "best trial")
+    unreadable = []
     for d in dirs:
-        s = search_summary(d)
+        try:
+            s = search_summary(d)
+        except Exception as exc:  # noqa: BLE001 - one damaged search must not hide the others
+            unreadable.append(f"{d}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            continue
         best = s["best"]
         table.add_row(
             s["name"], str(s["trials"]), ", ".join(f"{k}: {v}" for k, v in sorted(s["counts"].items())),
@@ -190,6 +205,8 @@ def list_searches(
             "-" if best is None else str(best["trial_id"]),
         )
     console.print(table)
+    for line in unreadable:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -39,7 +39,7 @@ from mae_search.data import load_data
 from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
 from mae_search.metrics import BY_NAME
 from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
-from mae_search.results import SPACE_FILE, missing_references, record_references
+from mae_search.results import RESULTS_FILE, SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
 from mae_search.train import Trainer, resolve_device
 
@@ -420,7 +420,8 @@ def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPl
     if fits < 1:
         raise ConfigError(
             f"search '{space.name}': a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU "
-            f"but the cluster has {cpus:g} CPU and {gpus:g} GPU (lower resources: in the space file)"
+            f"but the cluster has {cpus:g} CPU and {gpus:g} GPU (lower resources: in the space file, or join a "
+            f"larger cluster with --address)"
         )
     # A seed-averaged trial trains its seeds side by side when they fit, else in turns; trials share the rest.
     parallel_seeds = min(space.seeds_per_trial, fits)
@@ -500,10 +501,46 @@ def first_difference(recorded: Any, given: Any, prefix: str = "") -> str | None:
     return None if recorded == given else f"{prefix[:-1]} (recorded {recorded!r}, now {given!r})"
 
 
-def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> str | None:
+def check_tune_state(space: SearchSpace, exp_dir: Path) -> None:
+    """Refuse to resume from a damaged Tune experiment state: Tune would start a new, empty experiment
+    (trials without their config) and report success. The results table is untouched either way."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        raise ConfigError(f"search '{space.name}': no Tune experiment state under {exp_dir}, nothing to resume")
+    for state in states:
+        try:
+            trials = json.loads(state.read_text()).get("trial_data")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            trials, reason = None, f"{type(exc).__name__}: {str(exc)[:120]}"
+        else:
+            reason = "no trial data"
+        if not isinstance(trials, list):
+            raise ConfigError(f"search '{space.name}': Tune's experiment state {state} is damaged ({reason}); the "
+                              f"finished trials are kept in {exp_dir / RESULTS_FILE}; start a new search (another "
+                              f"name or --storage) to run the rest")
+
+
+def check_search_dir(space: SearchSpace, storage: str | Path, resume: bool) -> None:
+    """What the search directory alone decides, checked before Ray starts: a new search must not
+    overwrite a recorded one; a resumed one must have an intact record matching this configuration."""
+    exp_dir = Path(storage).expanduser().resolve() / space.name
+    if not resume:
+        if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(
+                f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
+            )
+        return
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
+    check_tune_state(space, exp_dir)
+    check_resumable(space, exp_dir)
+
+
+def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan | None = None) -> str | None:
     """--resume continues exactly the recorded search: refuse, in one line, anything that would mix
-    configurations (a changed file or --set) or hang it (a cluster too small for its concurrent trials).
-    Returns a line for the user when the cluster could hold more concurrent trials than recorded."""
+    configurations (a changed file or --set) or, given the cluster's plan, hang it (a cluster too
+    small for its concurrent trials). Returns a line for the user when the cluster could hold more
+    concurrent trials than recorded."""
     record = exp_dir / SPACE_FILE
     if not record.is_file():
         raise ConfigError(f"search '{space.name}': {record} is missing, so there is no record to resume")
@@ -513,6 +550,8 @@ def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan) -> str
         raise ConfigError(f"search '{space.name}': --resume continues the recorded configuration ({record}), "
                           f"but the space file and --set now differ at {diff}; resume without changes, or start "
                           f"a new search (another name or --storage)")
+    if plan is None:
+        return None
     plan_file = exp_dir / PLAN_FILE
     planned = json.loads(plan_file.read_text())["concurrency"] if plan_file.is_file() else 1
     if plan.concurrency < planned:
@@ -543,21 +582,16 @@ def run_search(
     # Epochs without an evaluation report no probe metric. Tune would reject those results; ASHA, which
     # reads the metric every epoch, is refused by validation unless eval.every_epochs is 1.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    check_search_dir(space, storage, resume)
     init_ray(address, num_cpus)
     plan = plan_concurrency(space, ray.cluster_resources())
     started = time.time()
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
-            raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
         note = check_resumable(space, exp_dir, plan)
         if note:
             notify(note)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable_for(space, storage, plan), resume_errored=True)
     else:
-        if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
-            raise ConfigError(
-                f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
-            )
         tuner = build_tuner(space, storage, callbacks or [], plan)
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / ASHA_FILE).unlink(missing_ok=True)  # rungs of an earlier attempt that never started Tune

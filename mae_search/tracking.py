@@ -80,12 +80,23 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
         return
-    if not uri.startswith(("sqlite:///", "file:", "/")) and "://" in uri:
-        return  # other backends (databricks, postgres...) are checked by the first client call
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme and scheme not in KNOWN_SCHEMES:
+        raise TrackingError(f"MLflow tracking URI {uri}: unknown scheme '{scheme}' (MLflow takes "
+                            f"{', '.join(sorted(KNOWN_SCHEMES))})")
+    if scheme and scheme not in ("sqlite", "file"):
+        return  # databases and databricks are checked by the first client call
+    local = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
+    if not local.parent.is_dir():  # MLflow would create the directories of a mistyped path
+        raise TrackingError(f"MLflow tracking store {uri}: directory {local.parent} does not exist")
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
         raise TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {exc})") from None
+
+
+KNOWN_SCHEMES = frozenset({"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks",
+                           "databricks-uc", "uc"})
 
 
 def _client(uri: str):
