@@ -33,7 +33,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.queue import Empty, Queue
 
-from mae_search.checkpoint import CHECKPOINT_FILE
+from mae_search.checkpoint import CHECKPOINT_FILE, CheckpointError
 from mae_search.config import ConfigError, TrainConfig
 from mae_search.data import load_data
 from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
@@ -65,12 +65,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     restored_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            trainer.resume(Path(ckpt_dir) / CHECKPOINT_FILE)
+        restored_path = restore_intact(trainer, checkpoint)
         restored_from = trainer.epoch
         # The epochs the checkpoint holds, re-sent once: any the search did not record before the fault
         # (a Ctrl-C between checkpoint and result, or a seed that ran ahead of the others) are recorded now.
-        ray.train.report({REPLAY_KEY: replayed_history(trainer.history, checkpoint.path)}, checkpoint=None)
+        ray.train.report({REPLAY_KEY: replayed_history(trainer.history, restored_path)}, checkpoint=None)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
         report = {**metrics, "pretrain_time_s": sum(h["epoch_time_s"] for h in t.history),
@@ -84,6 +83,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     trainer.fit(on_epoch_end)
+
+
+def restore_intact(trainer: Trainer, checkpoint: ray.train.Checkpoint) -> str:
+    """Resume from the latest checkpoint, or, when that one is damaged, from the newest intact one Ray
+    Train kept before it (``num_to_keep=2``); returns the path used. Failing over (rather than failing
+    the trial after every retry hits the same file) loses at most the epochs since the older one."""
+    with checkpoint.as_directory() as ckpt_dir:
+        try:
+            trainer.resume(Path(ckpt_dir) / CHECKPOINT_FILE)
+            return checkpoint.path
+        except CheckpointError as exc:
+            first_error = exc
+    latest = Path(checkpoint.path)
+    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
+                   reverse=True)
+    for path in older:
+        try:
+            trainer.resume(path / CHECKPOINT_FILE)
+        except CheckpointError:
+            continue
+        print(f"warning: {first_error}; resumed from the older checkpoint {path} instead", flush=True)
+        return str(path)
+    raise CheckpointError(f"{first_error}; no older intact checkpoint beside it") from None
 
 
 def replayed_history(history: list[dict[str, float]], checkpoint_path: str) -> list[dict[str, Any]]:

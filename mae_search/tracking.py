@@ -178,6 +178,7 @@ class MLflowSearchCallback(Callback):
         self.experiment_id: str | None = None
         self.children: dict[str, str] = {}
         self.last_ckpt: dict[str, tuple[int, str | None]] = {}  # trial id -> (epoch, checkpoint dir)
+        self.logged: dict[str, set[int]] = {}  # run id -> epochs it holds (so each is logged once)
         self.disabled = False
 
     # ----------------------------------------------------------------- safety
@@ -301,6 +302,7 @@ class MLflowSearchCallback(Callback):
         run = self.client.create_run(self.experiment_id, run_name=record.trial_id, tags=tags)
         run_id = run.info.run_id
         self.children[record.trial_id] = run_id
+        self.logged[run_id] = set()
         self._log_params(run_id, flatten_config(cfg))
         searched = {f"{TAG_SEARCHED_PREFIX}{k}": str(v) for k, v in record.params.items()}
         if searched:
@@ -320,17 +322,21 @@ class MLflowSearchCallback(Callback):
             self._safe("trial start", self._child, record)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        for record, replayed in epoch_records(self._seeds(trial), result):
-            self._safe("metrics", self._log_epoch, record, replayed)
+        for record, _ in epoch_records(self._seeds(trial), result):
+            self._safe("metrics", self._log_epoch, record)
 
-    def _log_epoch(self, record: TrialRecord, replayed: bool) -> None:
-        """One seed's epoch; an epoch replayed after a restore is logged only if this run lacks it."""
+    def _log_epoch(self, record: TrialRecord) -> None:
+        """One seed's epoch, logged once: an epoch re-sent after a restore (replayed, or trained again
+        from an older checkpoint) is skipped when the run already holds it."""
         from mlflow.entities import Metric
 
         run_id = self._child(record)
         epoch = record.epoch
-        if replayed and any(m.step == epoch for m in self.client.get_metric_history(run_id, "epoch_time_s")):
+        if run_id not in self.logged:  # a run continued from before a resume: ask MLflow once
+            self.logged[run_id] = {m.step for m in self.client.get_metric_history(run_id, "epoch_time_s")}
+        if epoch in self.logged[run_id]:
             return
+        self.logged[run_id].add(epoch)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, epoch) for k, v in record.metrics.items()]
         metrics.append(Metric("trial_time_s", float(record.trial_time_s or 0.0), now, epoch))

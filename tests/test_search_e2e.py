@@ -257,3 +257,52 @@ def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
     for trial_id, rows in after.groupby("trial_id"):
         steps = [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "loss")]
         assert sorted(steps) == sorted(rows["epoch"]), trial_id
+
+
+def test_interrupt_loses_no_epoch_and_a_torn_checkpoint_falls_back(tmp_path):
+    """Ctrl-C mid-trial; then, as if the last result never reached the driver and the last checkpoint was
+    torn: the resumed trial restarts from the older intact checkpoint, and the table and MLflow end with
+    every epoch exactly once."""
+    import mlflow
+
+    from mae_search.checkpoint import load_checkpoint
+
+    storage = tmp_path / "results"
+    space = micro_space(tmp_path, "torn", """
+dimensions:
+  masking.mask_ratio: {grid: [0.75]}
+metric: loss
+mode: min
+scheduler: {type: none}
+""", epochs=6, num_train=3000)
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    table = storage / "torn" / "results.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    df = read_results(table)
+    assert df["epoch"].max() < 6, "the trial finished before the interrupt"
+    run_dir = next((storage / "torn" / "train_runs").iterdir())
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "checkpoint.pt").is_file())
+    assert len(checkpoints) >= 2
+    latest = checkpoints[-1] / "checkpoint.pt"
+    torn_epoch = load_checkpoint(latest)["epoch"]
+    intact_epoch = load_checkpoint(checkpoints[-2] / "checkpoint.pt")["epoch"]
+    latest.write_bytes(latest.read_bytes()[:1000])
+    # The intact checkpoint's epoch is not trained again: only the restored trial's replay can bring it back.
+    df[df["epoch"] != intact_epoch].to_parquet(table, index=False)
+
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--resume")
+    after = read_results(table).sort_values("epoch")
+    assert after["epoch"].tolist() == [1, 2, 3, 4, 5, 6], out.stdout[-2000:]
+    assert (after["status"] == "completed").all()
+    restored = after[after["restored_from_epoch"] > 0]["restored_from_epoch"]
+    assert restored.max() == intact_epoch < torn_epoch  # from the intact checkpoint before the torn one
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("torn")
+    [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
+             and r.data.tags.get("mae_search.kind") != "search"]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]

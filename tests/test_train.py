@@ -171,3 +171,26 @@ def test_crafted_checkpoint_runs_nothing(tmp_path, micro_cfg):
     with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt, unreadable or unsafe checkpoint"):
         Trainer(micro_cfg).resume(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, micro_cfg):
+    import ray.train
+
+    from mae_search.checkpoint import CHECKPOINT_FILE
+    from mae_search.ray_search import restore_intact
+
+    trainer = Trainer(micro_cfg, device=torch.device("cpu"))
+    run_dir = tmp_path / "train_runs" / "trial"
+    for epoch, name in ((1, "checkpoint_2026-01-01_00-00-01.000000"), (2, "checkpoint_2026-01-01_00-00-02.000000")):
+        trainer.train_one_epoch()
+        trainer.epoch = epoch
+        trainer.save(run_dir / name / CHECKPOINT_FILE)
+    older, latest = sorted(run_dir.iterdir())
+    (latest / CHECKPOINT_FILE).write_bytes((latest / CHECKPOINT_FILE).read_bytes()[:100])  # a torn write
+
+    fresh = Trainer(micro_cfg, device=torch.device("cpu"))
+    assert restore_intact(fresh, ray.train.Checkpoint.from_directory(str(latest))) == str(older)
+    assert fresh.epoch == 1
+    (older / CHECKPOINT_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt.*; no older intact checkpoint beside it"):
+        restore_intact(Trainer(micro_cfg, device=torch.device("cpu")), ray.train.Checkpoint.from_directory(str(latest)))
