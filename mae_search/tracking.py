@@ -7,9 +7,12 @@ tracking server: only the driver talks to MLflow. Artifacts are read from the
 trial checkpoints in the search's storage.
 
 Tracking is a mirror, not the record: the Parquet table and Ray's storage are
-written first and independently. If MLflow fails mid-search the callback
-warns once and stops logging; the search and its results carry on. A tracking
-server that cannot be reached is reported before the search starts.
+written first and independently. MLflow calls run on a thread of their own,
+in order, so Tune's driver never waits on a slow or dead server; HTTP retries
+are bounded. If MLflow fails mid-search the callback warns once and stops
+logging; the search and its results carry on, and the end of the search waits
+at most DRAIN_TIMEOUT_S for calls still queued. A tracking server that cannot
+be reached is reported before the search starts.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +58,12 @@ from mae_search.record import (
 from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
 
 log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 60.0  # how long the end of a search waits for MLflow calls still queued
+# MLflow's own defaults retry a dead server for about 4 minutes per call (7 retries with backoff, 120 s
+# timeouts). Bounded here, unless the user set them: a tracking server that went away costs seconds.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackingError(ValueError):
@@ -88,7 +99,8 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         return  # databases and databricks are checked by the first client call
     local = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
     if not local.parent.is_dir():  # MLflow would create the directories of a mistyped path
-        raise TrackingError(f"MLflow tracking store {uri}: directory {local.parent} does not exist")
+        problem = "is not a directory" if local.parent.exists() else "does not exist"
+        raise TrackingError(f"MLflow tracking store {uri}: {local.parent} {problem}")
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
@@ -146,6 +158,8 @@ _ACTIVE = {"configured": False, "uri": None}
 def configure_tracking(uri: str | None) -> None:
     """Where this driver process logs (None: not at all); read by every MLflowSearchCallback at setup."""
     _ACTIVE.update(configured=True, uri=uri)
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 class MLflowSearchCallback(Callback):
@@ -180,20 +194,47 @@ class MLflowSearchCallback(Callback):
         self.last_ckpt: dict[str, tuple[int, str | None]] = {}  # trial id -> (epoch, checkpoint dir)
         self.logged: dict[str, set[int]] = {}  # run id -> epochs it holds (so each is logged once)
         self.disabled = False
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- safety
 
-    def _safe(self, what: str, fn, *args, **kwargs) -> Any:
-        """Run an MLflow call; on failure warn once and stop tracking, never failing the search."""
+    def _safe(self, what: str, fn, *args: Any) -> None:
+        """Queue an MLflow call for the tracking thread; Tune's driver thread never waits on MLflow."""
         if self.disabled:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - tracking must not break a search
-            self.disabled = True
-            log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this search, "
-                        "results are still written to %s", what, type(exc).__name__, exc, self.search_dir)
-            return None
+            return
+        if self._queue is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._work, name="mlflow-tracking", daemon=True)
+            self._thread.start()
+        self._queue.put((what, fn, args))
+
+    def _work(self) -> None:
+        """The tracking thread: runs the queued calls in order; on a failure warns once and stops tracking."""
+        while True:
+            what, fn, args = self._queue.get()
+            try:
+                if not self.disabled:
+                    fn(*args)
+            except Exception as exc:  # noqa: BLE001 - tracking must not break a search
+                self.disabled = True
+                log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this search, "
+                            "results are still written to %s", what, type(exc).__name__, exc, self.search_dir)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Wait (at most ``timeout_s``) until every queued MLflow call has run; False if some have not."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue is not None and self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; the thread and its queue stay behind.
+        return {**self.__dict__, "_queue": None, "_thread": None}
 
     @property
     def client(self):
@@ -384,6 +425,10 @@ class MLflowSearchCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._safe("search end", self._end_parent, trials)
+        if not self.flush():
+            self.disabled = True
+            log.warning("MLflow did not answer within %.0f s at the end of the search; what was not logged yet "
+                        "is in %s (a --resume logs the rest)", DRAIN_TIMEOUT_S, self.search_dir)
 
     def _end_parent(self, trials: list) -> None:
         """Best config and metric, the results table and the best encoder, from the recorded table.

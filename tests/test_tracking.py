@@ -148,8 +148,13 @@ def test_unreachable_server_fails_at_start(tmp_path):
     assert not (tmp_path / "r" / "unreachable").exists()  # nothing ran
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(TrackingError, match="cannot be used"):
+    with pytest.raises(TrackingError, match="a-file is not a directory"):
         check_tracking(f"sqlite:///{blocker / 'x.db'}")
+    with pytest.raises(TrackingError, match="missing/dir does not exist"):  # and MLflow did not create it
+        check_tracking(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.db'}")
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(TrackingError, match="unknown scheme 'garbage'"):
+        check_tracking("garbage://host/x")
 
 
 @pytest.mark.slow
@@ -158,8 +163,8 @@ def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch, mlflow_
     nothing raises into Tune, and the results table (written by its own callback) is complete."""
     space = load_search_space(micro_space(tmp_path, "broken", "dimensions: {}\nmetric: loss\nmode: min\n"))
     search_dir = tmp_path / "results" / "broken"
-    tracking = MLflowSearchCallback(mlflow_server, space, search_dir, "x.yaml", max_epochs=2)
-    table = ResultsTableCallback(search_dir, space.name, 2, space)
+    tracking = MLflowSearchCallback(mlflow_server, space, search_dir, "x.yaml", max_epochs=3)
+    table = ResultsTableCallback(search_dir, space.name, 3, space)
     callbacks = [table, tracking]
     for cb in callbacks:
         cb.setup()
@@ -170,19 +175,26 @@ def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch, mlflow_
     for cb in callbacks:
         cb.on_trial_start(0, [], Trial()) if hasattr(cb, "on_trial_start") else None
         cb.on_trial_result(0, [], Trial(), {"epoch": 1, "training_iteration": 1, "loss": 1.0})
+    assert tracking.flush(30)
     assert not tracking.disabled and "t1" in tracking.children  # tracked while the server was up
     mlflow_server_stop(mlflow_server)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     with caplog.at_level("WARNING"):
+        started = time.monotonic()
+        for epoch in (2, 3):  # Tune's driver thread: these return at once although the server is gone
+            for cb in callbacks:
+                cb.on_trial_result(0, [], Trial(), {"epoch": epoch, "training_iteration": epoch, "loss": 0.5})
+        assert time.monotonic() - started < 1.0
         for cb in callbacks:
-            cb.on_trial_result(0, [], Trial(), {"epoch": 2, "training_iteration": 2, "loss": 0.5})
             cb.on_trial_complete(0, [], Trial())
-            cb.on_experiment_end([Trial()])
+            cb.on_experiment_end([Trial()])  # waits for the queued calls, bounded
+        assert time.monotonic() - started < 60
     assert tracking.disabled
     warnings = [r for r in caplog.records if "tracking disabled" in r.getMessage()]
     assert len(warnings) == 1 and str(search_dir) in warnings[0].getMessage()
-    assert read_results(search_dir)[["epoch", "status"]].values.tolist() == [[1, "completed"], [2, "completed"]]
+    assert read_results(search_dir)[["epoch", "status"]].values.tolist() == [
+        [1, "completed"], [2, "completed"], [3, "completed"]]
 
 
 def test_tracking_flags_given_on_resume_take_effect(tmp_path):
@@ -198,6 +210,7 @@ def test_tracking_flags_given_on_resume_take_effect(tmp_path):
         configure_tracking(first)
         callback = MLflowSearchCallback(first, space, tmp_path / "s", "x.yaml", max_epochs=1)
         callback.setup()
+        assert callback.flush(30)
         restored = pickle.loads(pickle.dumps(callback))  # what --resume gets back from Tune
         configure_tracking(None)  # --resume --no-mlflow
         restored.setup()
@@ -205,6 +218,7 @@ def test_tracking_flags_given_on_resume_take_effect(tmp_path):
         configure_tracking(second)  # --resume --tracking-uri <another store>
         restored = pickle.loads(pickle.dumps(callback))
         restored.setup()
+        assert restored.flush(30)
         assert not restored.disabled and restored.uri == second
     finally:
         _ACTIVE.update(saved)
