@@ -118,9 +118,28 @@ def synthetic_shapes(n: int, size: int = 32, seed: int = 0) -> ImageSet:
 
 
 def check_local_data(cfg: DataConfig) -> None:
-    """Before a local search starts Ray: the data path exists, so a typo fails in a second, not in every trial."""
-    if cfg.dataset != "synthetic_shapes":
-        _require_dir(cfg.path, f"data.path ({cfg.dataset})")
+    """Before a local search starts Ray: the data set is there and readable, so a typo or a damaged file
+    fails in seconds with one line naming it, not in every trial after Ray started."""
+    if cfg.dataset == "synthetic_shapes":
+        return
+    root = _require_dir(cfg.path, f"data.path ({cfg.dataset})")
+    if cfg.dataset == "cifar10":
+        load_cifar10(root)  # about a second: every batch unpickled (arrays only) and its shape checked
+    elif cfg.dataset == "stl10":
+        stl = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
+        for split in ("train", "test"):
+            images = stl / f"{split}_X.bin"
+            if not images.is_file():
+                raise DataError(f"stl10: missing file {images}")
+            if images.stat().st_size % (3 * 96 * 96):
+                raise DataError(f"stl10: {images} is truncated or not an STL-10 image file")
+            labels = stl / f"{split}_y.bin"
+            count = images.stat().st_size // (3 * 96 * 96)
+            if not labels.is_file() or labels.stat().st_size != count:
+                raise DataError(f"stl10: {labels} is missing or does not hold {count} labels")
+    elif cfg.dataset == "imagefolder" and not (
+            (root / "train").is_dir() and any((root / d).is_dir() for d in ("val", "test"))):
+        raise DataError(f"imagefolder: {root} must contain train/ and val/ (or test/) class folders")
 
 
 def _require_dir(path: str | Path, what: str) -> Path:
@@ -157,6 +176,19 @@ def _unpickle(path: Path) -> dict:
     return data
 
 
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N x 3072, int64 labels N) of one CIFAR-10 batch, or one line naming what is wrong."""
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = getattr(data, "shape", type(data).__name__)
+        raise DataError(f"cifar10: {path} has no N x 3072 uint8 'data' array (found {shape})")
+    if not isinstance(labels, list | np.ndarray) or len(labels) != len(data):
+        raise DataError(f"cifar10: {path} has {len(labels) if labels is not None else 'no'} labels for "
+                        f"{len(data)} images")
+    return data, np.asarray(labels, dtype=np.int64)
+
+
 def load_cifar10(root: str | Path) -> tuple[ImageSet, ImageSet]:
     """CIFAR-10 'python version' (cifar-10-batches-py/data_batch_1..5, test_batch)."""
     root = _require_dir(root, "cifar10")
@@ -166,9 +198,9 @@ def load_cifar10(root: str | Path) -> tuple[ImageSet, ImageSet]:
     classes = tuple(meta["label_names"])
 
     def read(names: list[str]) -> ImageSet:
-        batches = [_unpickle(root / n) for n in names]
-        data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([b["labels"] for b in batches]).astype(np.int64)
+        batches = [_cifar_batch(root / n) for n in names]
+        data = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([b[1] for b in batches])
         return ImageSet(torch.from_numpy(data), torch.from_numpy(labels), classes)
 
     return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"])
