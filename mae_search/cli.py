@@ -115,7 +115,7 @@ def search(
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     from mae_search.data import check_local_data
-    from mae_search.ray_search import check_search_dir, init_ray, run_search
+    from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
     from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
     from mae_search.tracking import (
@@ -147,6 +147,8 @@ def search(
             f"results in {search_dir}"
         )
         check_search_dir(space, storage, resume)  # before Ray starts
+        if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
+            plan_concurrency(space, local_resources(num_cpus))
         console.print(init_ray(address, num_cpus))
         _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
                                num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))

@@ -35,7 +35,7 @@ from ray.util.queue import Empty, Queue
 
 from mae_search.checkpoint import CHECKPOINT_FILE, CheckpointError
 from mae_search.config import ConfigError, TrainConfig
-from mae_search.data import load_data
+from mae_search.data import DataError, load_data
 from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
 from mae_search.metrics import BY_NAME
 from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
@@ -53,8 +53,24 @@ TRAIN_RUNS_DIR = "train_runs"
 # --------------------------------------------------------------------------- worker side
 
 
+FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker: the plain Trainer, reporting through ``ray.train.report``."""
+    """Body of every Ray Train worker: the plain Trainer, reporting through ``ray.train.report``.
+
+    A configuration, data or checkpoint error would fail the same way on every retry, so instead of
+    raising (which Ray Train retries up to max_failures times) it is reported as one line and the
+    trial's driver fails the trial with it at once.
+    """
+    try:
+        train_seed(loop_config)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        ray.train.report({FATAL_KEY: f"{type(exc).__name__}: {exc}"}, checkpoint=None)
+
+
+def train_seed(loop_config: dict[str, Any]) -> None:
+    """Train one seed's configuration to its last epoch, from its latest intact checkpoint if any."""
     cfg = TrainConfig.model_validate(loop_config["train_config"])
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     ctx = ray.train.get_context()
@@ -147,7 +163,14 @@ def run_references(space: SearchSpace, search_dir: Path) -> int:
     task = ray.remote(reference_task).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
     configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
     futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
-    rows = [(kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, ray.get(futures), strict=True)]
+    try:
+        results = ray.get(futures)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, ConfigError | DataError):  # every trial would fail the same way: stop here
+            raise ConfigError(f"search '{space.name}': on the cluster, {cause}") from None
+        raise
+    rows = [(kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, results, strict=True)]
     record_references(search_dir, space.name, rows)
     return len(todo)
 
@@ -173,6 +196,10 @@ class SeedReportCallback(ray.train.UserCallback):
         self.queue.put((self.seed, dict(metrics[0]), checkpoint.path if checkpoint else ""))
 
 
+class TrialError(RuntimeError):
+    """A trial that cannot succeed (its configuration, data or checkpoint is unusable); not retried."""
+
+
 class SeedAverager:
     """Turns the seeds' per-epoch reports into the trial's results: one per epoch, once every seed has it.
 
@@ -191,6 +218,8 @@ class SeedAverager:
 
     def add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
         """One report of one seed; returns the trial results it completes, in epoch order."""
+        if FATAL_KEY in metrics:
+            raise TrialError(f"seed {seed}: {metrics[FATAL_KEY]}")
         if REPLAY_KEY in metrics:
             return [out for entry in metrics[REPLAY_KEY]
                     for out in self._add(seed, {**entry, REPLAYED_KEY: True}, entry.get("checkpoint_path", ""))]
@@ -449,6 +478,11 @@ def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPl
     parallel_seeds = min(space.seeds_per_trial, fits)
     concurrency = min(space.max_concurrent_trials, max(1, fits // parallel_seeds))
     return ClusterPlan(concurrency=concurrency, cpus=cpus, gpus=gpus, parallel_seeds=parallel_seeds)
+
+
+def local_resources(num_cpus: int | None) -> dict[str, float]:
+    """What a local Ray instance started here will have, known before it starts (for plan_concurrency)."""
+    return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> str:

@@ -149,6 +149,14 @@ def test_search_joins_an_existing_cluster(tmp_path):
         out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", "auto", "--no-mlflow")
         assert "Ray: joined the cluster at auto (1 node(s), 2 CPU, 0 GPU)" in out.stdout
         assert (read_results(tmp_path / "results" / "joined")["status"] == "completed").all()
+        # On a cluster the data path is checked where the trials run, by the reference rows that come first:
+        # a missing one stops the search with one line before any trial starts (and is not retried).
+        bad = cli("search", str(space), "--storage", str(tmp_path / "results2"), "--address", "auto", "--no-mlflow",
+                  "--set", "data.dataset=cifar10", "--set", "data.path=/nonexistent-mae-search", check=False)
+        errors = [line for line in bad.stdout.splitlines() if line.startswith("error:")]
+        assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stdout[-2000:]
+        assert errors == [f"error: {space}: search 'joined': on the cluster, cifar10: data path "
+                          "/nonexistent-mae-search does not exist or is not a directory"]
         probe = "import ray; ray.init(address='auto'); print(ray.cluster_resources()['CPU'])"
         still_up = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert still_up.stdout.strip().endswith("2.0")  # the search left the cluster running
@@ -306,3 +314,38 @@ scheduler: {type: none}
     [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
              and r.data.tags.get("mae_search.kind") != "search"]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_killed_driver_resumes_with_every_epoch_once(tmp_path):
+    """SIGKILL of the `mae-search search` process itself (no handler runs), then --resume: the trial
+    continues from its checkpoint and the table and MLflow end with every epoch once, the run FINISHED."""
+    import mlflow
+
+    storage = tmp_path / "results"
+    space = micro_space(tmp_path, "killed", """
+dimensions:
+  masking.mask_ratio: {grid: [0.75]}
+metric: loss
+mode: min
+scheduler: {type: none}
+""", epochs=6, num_train=3000)
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
+    table = storage / "killed" / "results.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 2):
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert read_results(table)["epoch"].max() < 6, "the trial finished before the kill"
+    time.sleep(5)  # Ray's reaper takes down the killed driver's local instance
+
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--resume")
+    after = read_results(table).sort_values("epoch")
+    assert after["epoch"].tolist() == [1, 2, 3, 4, 5, 6], out.stdout[-2000:]
+    assert (after["status"] == "completed").all() and after["restored_from_epoch"].max() >= 1
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("killed")
+    [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
+             and r.data.tags.get("mae_search.kind") != "search"]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert run.info.status == "FINISHED"

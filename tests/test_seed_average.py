@@ -89,6 +89,13 @@ def test_averager_completes_epochs_from_a_restored_seeds_replay():
     assert avg.add(0, replay0, "") == []
 
 
+def test_a_fatal_report_fails_the_trial_at_once():
+    from mae_search.ray_search import FATAL_KEY, TrialError
+
+    with pytest.raises(TrialError, match="seed 3: DataError: cifar10: missing file"):
+        SeedAverager([3]).add(3, {FATAL_KEY: "DataError: cifar10: missing file"}, "")
+
+
 def test_one_seed_trial_reports_its_own_values_and_checkpoint():
     [result] = SeedAverager([7]).add(7, report(1, 0.3), "/ck")
     assert result["loss"] == 0.3 and result["checkpoint_path"] == "/ck" and "loss_std" not in result
