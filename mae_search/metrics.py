@@ -54,3 +54,24 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 def metric(name: str) -> Metric:
     """The registered metric, or a plain one (label = name) for a key the registry does not know."""
     return BY_NAME.get(name, Metric(name, name, "max", "train"))
+
+
+SYSTEM_KEYS = frozenset({"throughput_img_s", "restored_from_epoch", "epoch_time_s", "trial_time_s", "seeds"})
+
+
+def mlflow_key(name: str) -> str:
+    """The MLflow name of a reported value, grouped by what it is (the UI shows one section per prefix):
+    ``eval/`` what the protocols measure, ``train/`` the optimisation, ``system/`` times and throughput."""
+    known = BY_NAME.get(name)
+    if name in SYSTEM_KEYS or name.endswith("_time_s"):
+        group = "system"
+    elif known is not None and known.source in ("eval", "finetune", "partial_finetune"):
+        group = "eval"
+    else:
+        group = "train"
+    return f"{group}/{name}"
+
+
+def from_mlflow_key(key: str) -> str:
+    """Back from :func:`mlflow_key` (a key without a group is returned as it is)."""
+    return key.split("/", 1)[1] if key.split("/", 1)[0] in ("eval", "train", "system") else key

@@ -196,6 +196,18 @@ class MaskedAutoencoderViT(nn.Module):
         return MAEOutput(pred=pred, mask=mask, latent=latent)
 
 
+class MAEEncoder(nn.Module):
+    """The pre-trained encoder alone, as a module to share: images (B, C, H, W) in, every token's
+    feature (B, 1 + patches, D) out, CLS first, nothing masked. What the search logs to MLflow."""
+
+    def __init__(self, mae: MaskedAutoencoderViT) -> None:
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.mae.forward_features(imgs)
+
+
 def encoder_state_dict(model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
     """The parts kept after pre-training (patch embed, CLS, blocks, norm): what probing and fine-tuning load."""
     drop = ("decoder", "mask_token")

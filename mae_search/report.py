@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mae_search.metrics import BY_NAME, REGISTRY, Metric, metric
+from mae_search.metrics import BY_NAME, REGISTRY, Metric, from_mlflow_key, metric
 from mae_search.record import (
     PARAM_PREFIX,
     TAG_BEST_RUN,
@@ -48,6 +48,7 @@ from mae_search.results import (
     STATUS_STOPPED,
     best_row,
     final_rows,
+    read_table,
     reference_rows,
 )
 from mae_search.search_space import SearchSpace
@@ -86,7 +87,7 @@ def load_from_dir(path: str | Path) -> SearchRecord:
         raise ReportError(f"{space_file}: missing (the search's space is needed to lay out the report)")
     space = _read_space(space_file.read_text(), str(space_file))
     try:
-        raw = pd.read_parquet(table_file)
+        raw = read_table(table_file)
         table = normalise(raw)
     except Exception as exc:  # noqa: BLE001 - a damaged table is reported, not traced back
         raise ReportError(f"{table_file}: cannot read results table ({type(exc).__name__}: {exc})") from None
@@ -145,7 +146,7 @@ def load_from_mlflow(experiment: str, tracking_uri: str) -> SearchRecord:
         by_epoch: dict[int, dict[str, Any]] = {}
         for key in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, key):
-                by_epoch.setdefault(m.step, {})[key] = m.value
+                by_epoch.setdefault(m.step, {})[from_mlflow_key(key)] = m.value
         if not by_epoch:
             records.append({**base, "epoch": 0})
         for epoch, metrics in sorted(by_epoch.items()):

@@ -13,6 +13,7 @@ raw_pixels on reference rows), trial_time_s, checkpoint_path, config_json.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ def reported_metrics(result: dict[str, Any]) -> dict[str, int | float]:
             if k not in TUNE_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A Parquet table read in one go: the file's bytes first, so a table replaced while it is read (the
+    results callback rewrites it after every epoch, the tracking thread reads it) is never seen half old."""
+    return pd.read_parquet(io.BytesIO(path.read_bytes()))
+
+
 def read_results(path: str | Path, with_references: bool = False) -> pd.DataFrame:
     """Load a results table (a file, or a search directory holding one): the trials' rows, and the
     reference rows too when asked."""
@@ -39,7 +46,7 @@ def read_results(path: str | Path, with_references: bool = False) -> pd.DataFram
         path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
-    df = pd.read_parquet(path)
+    df = read_table(path)
     if with_references or "status" not in df:
         return df
     return df[df["status"] != STATUS_REFERENCE].reset_index(drop=True)
@@ -108,7 +115,7 @@ def record_references(search_dir: Path, search: str, rows: list[tuple[str, Any, 
     path = Path(search_dir) / RESULTS_FILE
     new = pd.DataFrame.from_records([TrialRecord.reference_row(search, kind, cfg, metrics).to_row()
                                      for kind, cfg, metrics in rows])
-    old = pd.read_parquet(path) if path.is_file() else None
+    old = read_table(path) if path.is_file() else None
     write_atomic(new if old is None else pd.concat([old, new], ignore_index=True), path)
 
 
@@ -133,7 +140,7 @@ class ResultsTableCallback(Callback):
     def setup(self, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():  # reference rows, and a resumed search's earlier trials
-            for row in pd.read_parquet(self.path).to_dict("records"):
+            for row in read_table(self.path).to_dict("records"):
                 record = TrialRecord.from_row(row)
                 self.records[(record.trial_id, record.epoch)] = record
 

@@ -38,6 +38,7 @@ import torch
 from ray.tune import Callback
 
 from mae_search.config import TrainConfig
+from mae_search.metrics import mlflow_key
 from mae_search.record import (
     GRID_FILE,
     TAG_BEST_RUN,
@@ -59,7 +60,7 @@ from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 60.0  # how long the end of a search waits for MLflow calls still queued
+DRAIN_TIMEOUT_S = 120.0  # how long the end of a search waits for MLflow calls still queued
 # MLflow's own defaults retry a dead server for about 4 minutes per call (7 retries with backoff, 120 s
 # timeouts). Bounded here, unless the user set them: a tracking server that went away costs seconds.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
@@ -266,8 +267,10 @@ class MLflowSearchCallback(Callback):
         if self.uri.startswith("sqlite:///"):  # embedded store: artifacts beside the database
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
         # Tagged as model training, so the MLflow UI opens on its runs table rather than the GenAI views.
-        return self.client.create_experiment(name, artifact_location=location,
-                                             tags={"mlflow.experimentKind": "custom_model_development"})
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        if self.space.description:
+            tags["mlflow.note.content"] = self.space.description  # the experiment's description in the UI
+        return self.client.create_experiment(name, artifact_location=location, tags=tags)
 
     def _setup_parent(self) -> None:
         state_file = self.search_dir / STATE_FILE
@@ -282,6 +285,8 @@ class MLflowSearchCallback(Callback):
         exp_id = self.experiment_id = self._experiment_id()
         tags = {TAG_SEARCH: self.space.name, "mae_search.command": shlex.join(sys.argv),
                 "mlflow.source.git.commit": _git_commit(), TAG_KIND: "search", **_versions()}
+        if self.space.description:
+            tags["mlflow.note.content"] = self.space.description
         run = self.client.create_run(exp_id, run_name=self.space.name, tags=tags)
         self.parent_id = run.info.run_id
         params = {"space.name": self.space.name, "space.trials": str(self.space.total_trials()),
@@ -316,7 +321,7 @@ class MLflowSearchCallback(Callback):
                                          run_name=f"reference: {row['reference']} (seed {int(row['seed'])})")
             from mlflow.entities import Metric
 
-            metrics = [Metric(k, float(row[k]), now, 0) for k in NAMES if k in row and pd_notna(row[k])]
+            metrics = [Metric(mlflow_key(k), float(row[k]), now, 0) for k in NAMES if k in row and pd_notna(row[k])]
             self.client.log_batch(run.info.run_id, metrics=metrics)
             self.client.set_terminated(run.info.run_id, "FINISHED")
             self.children[row["trial_id"]] = run.info.run_id
@@ -340,7 +345,7 @@ class MLflowSearchCallback(Callback):
                 TAG_SEED: str(record.seed), TAG_STATUS: str(Status.RUNNING)}
         if record.tune_trial_id and record.tune_trial_id != record.trial_id:
             tags[TAG_TUNE_TRIAL] = record.tune_trial_id
-        run = self.client.create_run(self.experiment_id, run_name=record.trial_id, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name(record), tags=tags)
         run_id = run.info.run_id
         self.children[record.trial_id] = run_id
         self.logged[run_id] = set()
@@ -374,13 +379,14 @@ class MLflowSearchCallback(Callback):
         run_id = self._child(record)
         epoch = record.epoch
         if run_id not in self.logged:  # a run continued from before a resume: ask MLflow once
-            self.logged[run_id] = {m.step for m in self.client.get_metric_history(run_id, "epoch_time_s")}
+            history = self.client.get_metric_history(run_id, mlflow_key("epoch_time_s"))
+            self.logged[run_id] = {m.step for m in history}
         if epoch in self.logged[run_id]:
             return
         self.logged[run_id].add(epoch)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, epoch) for k, v in record.metrics.items()]
-        metrics.append(Metric("trial_time_s", float(record.trial_time_s or 0.0), now, epoch))
+        values = {**record.metrics, "trial_time_s": float(record.trial_time_s or 0.0)}
+        metrics = [Metric(mlflow_key(k), float(v), now, epoch) for k, v in values.items()]
         self.client.log_batch(run_id, metrics=metrics)
         ckpt = record.checkpoint
         if ckpt and epoch in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
@@ -419,7 +425,8 @@ class MLflowSearchCallback(Callback):
             self.client.set_tag(run_id, "mae_search.stopped_at_epoch", str(epoch))
         if ckpt and epoch not in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
             self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
-        self.client.set_terminated(run_id, "FINISHED" if status == Status.COMPLETED else "KILLED")
+        # Stopped early by ASHA is a normal end (its status tag says so); only an error is FAILED.
+        self.client.set_terminated(run_id, "FINISHED")
 
     # ----------------------------------------------------------------- end of search
 
@@ -455,7 +462,8 @@ class MLflowSearchCallback(Callback):
         run_id = self.children.get(trial_id, "")
         tags = [_tag("mae_search.best_trial", trial_id), _tag(TAG_BEST_RUN, run_id)]
         tags += [_tag(f"best.{k.removeprefix('param.')}", str(row[k])) for k in row.index if k.startswith("param.")]
-        self.client.log_batch(self.parent_id, metrics=[_metric(f"best.{obj.metric}", row[obj.metric])], tags=tags)
+        best = mlflow_key(obj.metric).replace("/", "/best_")  # e.g. eval/best_linear_probe_acc
+        self.client.log_batch(self.parent_id, metrics=[_metric(best, row[obj.metric])], tags=tags)
         self._log_encoder(trial_id, row.get("checkpoint_path") or "")
 
     def _log_encoder(self, trial_id: str, ckpt: str) -> None:
@@ -476,6 +484,30 @@ class MLflowSearchCallback(Callback):
                 self.client.log_artifact(self.parent_id, str(Path(tmp) / name), "best_encoder")
                 if trial_id in self.children:
                     self.client.log_artifact(self.children[trial_id], str(Path(tmp) / name), "encoder")
+        self._log_encoder_model(model, cfg)
+
+    def _log_encoder_model(self, model: Any, cfg: TrainConfig) -> None:
+        """The best encoder as an MLflow model (``runs:/<parent run>/encoder``): images in, tokens out,
+        exported with torch.export, so ``mlflow.pytorch.load_model`` needs neither this project nor its
+        code to load it."""
+        import mlflow
+
+        from mae_search.model import MAEEncoder
+
+        encoder = MAEEncoder(model).eval()
+        example = torch.rand(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.parent_id):
+            mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy())
+
+
+def run_name(record: TrialRecord) -> str:
+    """What a researcher reads in the runs table: the searched values (short keys) and the seed."""
+    def value(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    searched = " ".join(f"{k.rsplit('.', 1)[-1]}={value(v)}" for k, v in sorted(record.params.items()))
+    return f"{searched or 'base'} seed={record.seed}"[:250]
 
 
 def pd_notna(value: Any) -> bool:

@@ -214,7 +214,7 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     exp = client.get_experiment_by_name("avg")
     runs_by_id = {r.data.tags.get("mae_search.trial_id"): r for r in client.search_runs([exp.experiment_id])}
     for trial_id, rows in df.groupby("trial_id"):
-        steps = [m.step for m in client.get_metric_history(runs_by_id[trial_id].info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(runs_by_id[trial_id].info.run_id, "train/loss")]
         assert sorted(steps) == sorted(rows["epoch"]), trial_id
     # The report ranks configurations by their mean over seeds.
     cli("report", str(storage / "avg"), "--out", str(tmp_path / "report"))
@@ -263,7 +263,7 @@ def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
     exp = client.get_experiment_by_name("resumed")
     runs = {r.data.tags.get("mae_search.trial_id"): r for r in client.search_runs([exp.experiment_id])}
     for trial_id, rows in after.groupby("trial_id"):
-        steps = [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "train/loss")]
         assert sorted(steps) == sorted(rows["epoch"]), trial_id
 
 
@@ -313,7 +313,7 @@ scheduler: {type: none}
     exp = client.get_experiment_by_name("torn")
     [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
              and r.data.tags.get("mae_search.kind") != "search"]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_killed_driver_resumes_with_every_epoch_once(tmp_path):
@@ -347,5 +347,5 @@ scheduler: {type: none}
     exp = client.get_experiment_by_name("killed")
     [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
              and r.data.tags.get("mae_search.kind") != "search"]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
     assert run.info.status == "FINISHED"

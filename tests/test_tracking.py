@@ -79,7 +79,8 @@ def runs_of(client: MlflowClient, experiment: str):
 
 @pytest.mark.slow
 def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
-    space = micro_space(tmp_path, "tracked", ASHA_BLR_BODY.format(num_samples=3) + "experiment: tracked-exp\n")
+    space = micro_space(tmp_path, "tracked", ASHA_BLR_BODY.format(num_samples=3) + "experiment: tracked-exp\n"
+                        "description: Learning rates for the micro model.\n")
     cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2",
         "--tracking-uri", mlflow_server)
     df = read_results(tmp_path / "results" / "tracked")
@@ -93,11 +94,15 @@ def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
     assert sorted(r.data.tags["mae_search.reference"] for r in references) == ["random_init", "raw_pixels"]
     for run in references:
         row = refs[refs["reference"] == run.data.tags["mae_search.reference"]].iloc[0]
-        assert run.data.metrics["linear_probe_acc"] == pytest.approx(row["linear_probe_acc"])
+        assert run.data.metrics["eval/linear_probe_acc"] == pytest.approx(row["linear_probe_acc"])
         assert run.info.status == "FINISHED" and run.info.run_name.startswith("reference: ")
     parent = parents[0]
     assert parent.data.tags["mae_search.search"] == "tracked" and "version.ray" in parent.data.tags
-    assert "best.loss" in parent.data.metrics
+    assert "train/best_loss" in parent.data.metrics
+    # The space file's description is the experiment's and the parent run's description in the UI.
+    assert parent.data.tags["mlflow.note.content"] == "Learning rates for the micro model."
+    assert client.get_experiment_by_name("tracked-exp").tags["mlflow.note.content"] == parent.data.tags[
+        "mlflow.note.content"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.parquet", "search_space",
                                                                           "best_encoder"}
     for child in children:
@@ -107,21 +112,34 @@ def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
         assert float(child.data.params["optim.blr"]) == pytest.approx(trial["param.optim.blr"].iloc[0])
         assert child.data.params["seed"] == str(trial["seed"].iloc[0])
         # One metric point per reported epoch, step = epoch, values equal to the table.
-        history = client.get_metric_history(child.info.run_id, "loss")
+        history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == trial["epoch"].tolist()
         assert np.allclose([m.value for m in sorted(history, key=lambda m: m.step)], trial["loss"])
-        assert {m.key for m in [*history]} == {"loss"}
-        assert {"mask_ratio", "lr", "linear_probe_acc", "knn_acc", "psnr", "masked_hf_error",
-                "epoch_time_s", "throughput_img_s", "freq_loss", "unif_loss"} <= set(child.data.metrics)
+        # Grouped names: one section per prefix in the MLflow UI.
+        assert {"train/mask_ratio", "train/lr", "eval/linear_probe_acc", "eval/knn_acc", "eval/psnr",
+                "eval/masked_hf_error", "system/epoch_time_s", "system/throughput_img_s", "train/freq_loss",
+                "train/unif_loss"} <= set(child.data.metrics)
+        assert child.info.run_name == f"blr={trial['param.optim.blr'].iloc[0]:.3g} seed=0"
         grids = [a.path for a in client.list_artifacts(child.info.run_id, "reconstruction")]
         assert grids and all(p.endswith(".png") for p in grids)
         status = trial["status"].iloc[-1]
         assert child.data.tags["mae_search.status"] == status
+        assert child.info.status == "FINISHED"  # stopped early is a normal end, not a red cross
         if status == "stopped_early":
             assert child.data.tags["mae_search.stopped_by"] == "ASHA"
     assert sum(c.data.tags["mae_search.status"] == "stopped_early" for c in children) >= 1
     model, cfg = load_encoder(parent.info.run_id, mlflow_server)
     assert cfg.model.embed_dim == 32 and model.cls_token.shape[-1] == 32
+    # The best encoder is an MLflow model: images in, tokens out, the same features as the checkpoint's.
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(mlflow_server)
+    shared = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/encoder")
+    images = torch.rand(3, 3, 16, 16)
+    features = shared(images)
+    assert features.shape == (3, 1 + 16, 32)
+    assert torch.allclose(features, model.eval().forward_features(images), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -133,7 +151,7 @@ def test_embedded_store_and_duplicate_search_guard(tmp_path):
     parents, children = runs_of(MlflowClient(f"sqlite:///{storage / 'mlflow.db'}"), "embedded")
     trials = [c for c in children if c.data.tags["mae_search.status"] != "reference"]
     assert len(parents) == 1 and len(trials) == 1 and len(children) == 3  # + the two reference rows
-    assert trials[0].data.metrics["loss"] > 0
+    assert trials[0].data.metrics["train/loss"] > 0
     again = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", check=False)
     assert again.returncode == 2 and "already exists" in again.stdout and "--resume" in again.stdout
 
