@@ -115,6 +115,7 @@ def search(
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     from mae_search.data import check_local_data
+    from mae_search.progress import SearchProgress, stop_progress
     from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
     from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
@@ -140,7 +141,8 @@ def search(
             console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
         configure_tracking(uri)  # also what a resumed search's restored callback logs to
         callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space),
-                     MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs)]
+                     MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs),
+                     SearchProgress(space, max_epochs, console)]
         console.print(
             f"search [bold]{space.name}[/]: {space.total_trials()} trials "
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
@@ -150,8 +152,13 @@ def search(
         if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
             plan_concurrency(space, local_resources(num_cpus))
         console.print(init_ray(address, num_cpus))
-        _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
-                               num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
+        console.print(f"logs: Ray's driver messages in {log_ray_to(search_dir)}, its workers' in Ray's session "
+                      "logs (ray/session_latest/logs under the temp directory of each node)", highlight=False)
+        try:
+            _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
+                                   num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
+        finally:
+            stop_progress()
     except ValueError as exc:
         message = str(exc)
         _fail(f"{space_file}: {message}" if message.startswith("search '") else message)  # name the file too
@@ -183,15 +190,18 @@ def search(
 def list_searches(
     storage: Annotated[Path, typer.Option(help="results root")] = Path("results"),
 ) -> None:
-    """Show the searches under STORAGE with their trial counts and best trial."""
+    """Show the searches under STORAGE: trials planned, done, stopped, failed and running, and the best."""
     from rich.table import Table
 
-    from mae_search.results import RESULTS_FILE, search_summary
+    from mae_search.metrics import metric as registered
+    from mae_search.results import SPACE_FILE, search_summary
 
-    dirs = sorted(p.parent for p in storage.glob(f"*/{RESULTS_FILE}"))
+    dirs = sorted(p.parent for p in storage.glob(f"*/{SPACE_FILE}"))
     if not dirs:
         _fail(f"no searches under {storage}")
-    table = Table("search", "trials", "status", "objective", "best", "best trial")
+    table = Table("search", "planned", "done", "stopped", "failed", "running", "best", "best trial")
+    for column in table.columns:
+        column.overflow = "fold"
     unreadable = []
     for d in dirs:
         try:
@@ -199,12 +209,12 @@ def list_searches(
         except Exception as exc:  # noqa: BLE001 - one damaged search must not hide the others
             unreadable.append(f"{d}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
             continue
-        best = s["best"]
+        counts, best, spec = s["counts"], s["best"], registered(s["metric"])
+        value = "-" if best is None else f"{best[s['metric']] * spec.scale:.{spec.digits}f}"
         table.add_row(
-            s["name"], str(s["trials"]), ", ".join(f"{k}: {v}" for k, v in sorted(s["counts"].items())),
-            f"{s['mode']} {s['metric']}",
-            "-" if best is None else f"{best[s['metric']]:.4g}",
-            "-" if best is None else str(best["trial_id"]),
+            s["name"], str(s["planned"]), str(counts.get("completed", 0)), str(counts.get("stopped_early", 0)),
+            str(counts.get("failed", 0)), str(counts.get("running", 0)) if counts else "not yet reported",
+            f"{value} ({s['mode']} {s['metric']})", "-" if best is None else str(best["trial_id"]),
         )
     console.print(table)
     for line in unreadable:
@@ -250,43 +260,100 @@ def ui(
     tracking_uri: Annotated[str | None, typer.Option(help="another MLflow store instead")] = None,
     host: Annotated[str, typer.Option(help="interface to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
+    workers: Annotated[int, typer.Option(help="server worker processes (one is enough for one user)")] = 1,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for the server to answer")] = 300.0,
 ) -> None:
-    """Start the MLflow UI on the embedded store (or --tracking-uri)."""
-    import os
+    """Start the MLflow UI on the embedded store (or --tracking-uri); prints its URL once it answers."""
+    import subprocess
     import sys
+    import time
+    import urllib.request
 
     from mae_search.tracking import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(storage)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        _fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run a search first, or pass --storage")
-    console.print(f"MLflow UI for {uri} on http://{host}:{port}")
-    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    os.execv(sys.executable, args)
+        _fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run a search first, or pass --storage DIR "
+              "(the --storage the search used) or --tracking-uri")
+    url = f"http://{host}:{port}"
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
+    server = subprocess.Popen(args)
+    console.print(f"starting the MLflow UI for {uri} ...", highlight=False)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    _fail(f"the MLflow UI exited with code {server.returncode} (is port {port} in use? try --port)")
+                if time.monotonic() > deadline:
+                    server.terminate()
+                    _fail(f"the MLflow UI did not answer at {url} within {wait_s:.0f} s")
+                time.sleep(0.5)
+        console.print(f"MLflow UI: {url}  (Ctrl-C to stop; runs are under Experiments > "
+                      f"<search name>; if it opens on another view, click Experiments)", highlight=False)
+        server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def log_ray_to(search_dir: Path) -> Path:
+    """Send Ray's driver-side log records (Tune, Train) to a file beside the results instead of the terminal."""
+    import logging
+
+    search_dir.mkdir(parents=True, exist_ok=True)
+    path = search_dir / "ray-driver.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    return path
+
+
+def rank_trials(df, metric: str, mode: str):
+    """Final rows ranked only among comparable trials: completed ones by the metric, then the ones stopped
+    early (latest rung first, then the metric at it), then failed and running ones."""
+    order = {"completed": 0, "stopped_early": 1}
+    df = df.assign(_group=df["status"].map(order).fillna(2), _epoch=-df["epoch"])
+    if metric in df:
+        return df.sort_values(["_group", "_epoch", metric], ascending=[True, True, mode == "min"],
+                              na_position="last").drop(columns=["_group", "_epoch"])
+    return df.sort_values(["_group", "_epoch"]).drop(columns=["_group", "_epoch"])
 
 
 def _print_trials(df, metric: str, mode: str) -> None:
     """The final row of each trial, best first; a seed-averaged trial is one row: mean ± std over its seeds."""
     from rich.table import Table
 
+    from mae_search.metrics import metric as registered
     from mae_search.results import by_configuration
 
     if df.empty:
         console.print("no trial reported a result")
         return
     params = [c for c in df.columns if c.startswith("param.")]
-    df = by_configuration(df, metric)
+    df = rank_trials(by_configuration(df, metric), metric, mode)
     averaged = (df["seeds"] > 1).any()
-    df = df.sort_values(metric, ascending=mode == "min", na_position="last") if metric in df else df
-    seed_header = "seeds" if averaged else "seed"
-    table = Table("trial", "status", seed_header, *[p.removeprefix("param.") for p in params], "epochs", metric)
+    spec = registered(metric)
+    table = Table(caption=f"completed trials first, ranked by {mode} {spec.label}; stopped ones by the epoch "
+                          "they reached" if (df["status"] == "stopped_early").any() else None)
+    for header in ("trial", "status", "seeds" if averaged else "seed", *[p.removeprefix("param.") for p in params],
+                   "epochs", spec.label):
+        table.add_column(header, overflow="fold")
     for _, row in df.iterrows():
         value, std = row.get(metric), row.get(f"{metric}_std")
-        shown = "-" if value is None or value != value else f"{value:.4g}"
-        if averaged and std == std and std is not None and shown != "-":
-            shown += f" ± {std:.2g}"
+        shown = "-" if value is None or value != value else f"{value * spec.scale:.{spec.digits}f}"
+        if averaged and shown != "-" and std == std and std is not None:
+            shown += f" ± {std * spec.scale:.{spec.digits}f}"
+        status = "stopped" if row["status"] == "stopped_early" else row["status"]
         table.add_row(
-            row["trial_id"], row["status"], str(row["seeds"] if averaged else row["seed"]),
+            row["trial_id"], status, str(row["seeds"] if averaged else row["seed"]),
             *[f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in params],
             str(row["epoch"]), shown,
         )

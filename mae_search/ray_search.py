@@ -493,7 +493,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return describe_cluster("Ray")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    # Workers' output (Ray Train's per-report lines, controller notices) stays in Ray's log files.
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -538,7 +539,7 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], plan: Cl
             storage_path=storage,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=1,
+            verbose=0,  # the project's own view (progress.py) replaces Tune's reporter and result dumps
         ),
     )
 

@@ -115,6 +115,14 @@ class TrialRecord:
                     params=params, config=space.trial_config(params, seed), tune_trial_id=trial_id)
                 for seed in space.seeds_of_trial(config)]
 
+    def label(self, with_seed: bool = True) -> str:
+        """What a researcher reads: the searched values (short keys), then the seed; "base" if none."""
+        def value(v: Any) -> str:
+            return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+        searched = " ".join(f"{k.rsplit('.', 1)[-1]}={value(v)}" for k, v in sorted(self.params.items()))
+        return (searched or "base") + (f" seed={self.seed}" if with_seed else "")
+
     def at_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: str = "",
                  trial_time_s: float | None = None) -> TrialRecord:
         return replace(self, epoch=epoch, metrics=metrics, checkpoint=checkpoint, trial_time_s=trial_time_s)

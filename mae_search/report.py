@@ -212,6 +212,7 @@ class Report:
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
     images: dict[str, bytes] = field(default_factory=dict)
+    vectors: dict[str, bytes] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)
 
     def heading(self, text: str) -> None:
@@ -224,8 +225,11 @@ class Report:
         self.tables.append(table)
         self.blocks.append(("table", table))
 
-    def image(self, name: str, png: bytes, alt: str) -> None:
-        self.images[name] = png
+    def image(self, name: str, figure: Figure | bytes, alt: str) -> None:
+        """A figure (PNG + SVG), or a PNG that has no vector form (the reconstruction grid)."""
+        self.images[name] = figure.png if isinstance(figure, Figure) else figure
+        if isinstance(figure, Figure):
+            self.vectors[name.removesuffix(".png") + ".svg"] = figure.svg
         self.blocks.append(("img", (name, alt)))
 
 
@@ -283,13 +287,13 @@ def ablation_tables(space: SearchSpace, table: pd.DataFrame, report: Report) -> 
     best = _best_setting(space, table, cols)
     for col in cols:
         name = col.removeprefix("param.")
-        report.heading(f"Ablation: {name}")
+        report.heading(f"Ablation: {space.label_of(col)}")
         if best is None:
             report.text("No finished trial yet.")
             continue
         others = {c: v for c, v in best.items() if c != col}
         report.text("Other factors held at the best setting: "
-                    + ", ".join(f"{c.removeprefix('param.')} = {fmt_setting(v)}" for c, v in others.items()) + ".")
+                    + ", ".join(f"{space.label_of(c)} = {fmt_setting(v)}" for c, v in others.items()) + ".")
         mask = np.logical_and.reduce([table[c] == v for c, v in others.items()])
         ablation_table(space, table[mask], report, [col], f"ablation_{name.split('.')[-1]}", refs)
     report.heading("All settings")
@@ -321,7 +325,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)},
                       key=lambda s: (declared.index(s), ()) if s in declared else (len(declared), _sort_key(s)))
     baseline = _baseline_setting(space, cols, settings)
-    headers = [", ".join(c.removeprefix("param.") for c in cols), "n", *[m.label for m in metrics]]
+    headers = [", ".join(space.label_of(c) for c in cols), "n", *[m.label for m in metrics]]
     with_delta = baseline is not None and primary is not None
     if with_delta:
         headers.append(f"Δ {primary.label} vs {fmt_setting(baseline[0])} (95% CI)")
@@ -453,10 +457,11 @@ def stopped_table(table: pd.DataFrame, space: SearchSpace, report: Report) -> No
     if stopped.empty:
         return
     params = [c for c in final.columns if c.startswith("param.")]
-    metric = space.primary.metric
-    headers = ["trial", "status", "seed", *[p.removeprefix("param.") for p in params], "last epoch", metric]
+    spec = metric(space.primary.metric)
+    headers = ["trial", "status", "seed", *[space.label_of(p) for p in params], "last epoch", spec.label]
     rows = [[r["trial_id"], r["status"], str(r["seed"]), *[fmt_setting(_round(r[p])) for p in params], str(r["epoch"]),
-             "-" if metric not in r or pd.isna(r[metric]) else f"{r[metric]:.4f}"] for _, r in stopped.iterrows()]
+             "-" if spec.name not in r or pd.isna(r[spec.name]) else fmt_metric(spec, pd.Series([r[spec.name]]))]
+            for _, r in stopped.iterrows()]
     report.heading("Trials stopped early or failed")
     report.text("Not part of the means above: ASHA stopped these before the last epoch (or they failed).")
     report.table(Table("stopped", headers, rows))
@@ -476,7 +481,7 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
     sign = 1 if space.primary.mode == "min" else -1
     configs.sort(key=lambda g: (sign * g[metric].mean(), g["tune_trial_id"].iloc[0]))
     configs = configs[:top]
-    headers = ["trial", *[p.removeprefix("param.") for p in params], *[m.label for m in metrics]]
+    headers = ["trial", *[space.label_of(p) for p in params], *[m.label for m in metrics]]
     rows = [[label, *["-" for _ in params], *cells] for label, _, cells in reference_cells(refs, metrics)]
     first_trial = len(rows)
     for group in configs:
@@ -496,16 +501,30 @@ def _round(v: Any) -> Any:
     return float(f"{v:.4g}") if isinstance(v, float | np.floating) else v
 
 
+def at_common_rung(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, int]:
+    """Each completed or stopped trial's row at the latest epoch all of them reported ``metric`` at."""
+    rows = table[table["status"].isin([STATUS_COMPLETED, STATUS_STOPPED])]
+    if metric not in rows or rows.empty:
+        return rows.iloc[0:0], 0
+    rows = rows.dropna(subset=[metric])
+    rung = int(rows.groupby("trial_id")["epoch"].max().min()) if not rows.empty else 0
+    return rows[rows["epoch"] == rung].reset_index(drop=True), rung
+
+
 def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
     """fANOVA parameter importances (Optuna) on the finished trials."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    done = completed_final(table)
+    done, basis = completed_final(table), "finished trials"
     metric = space.primary.metric
+    if len(done) < 4:  # ASHA stopped most: compare every trial where all of them were measured
+        done, rung = at_common_rung(table, metric)
+        basis = f"trials at epoch {rung}, the last rung every trial reached"
     dims = {k: d for k, d in space.dimensions.items() if f"param.{k}" in done}
     if len(done) < 4 or len(dims) < 2 or metric not in done:
-        report.text("Parameter importances need at least 4 finished trials and 2 searched parameters.")
+        report.text("Parameter importances need at least 4 trials measured at a common epoch and 2 searched "
+                    "parameters.")
         return
     dists = {}
     for k, d in dims.items():
@@ -526,7 +545,7 @@ def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) ->
     importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     rows = [[k, f"{v:.3f}"] for k, v in sorted(importances.items(), key=lambda kv: (-round(kv[1], 3), kv[0]))]
     report.heading("Parameter importances")
-    report.text(f"fANOVA (Optuna) on {len(done)} finished trials, objective {metric}.")
+    report.text(f"fANOVA (Optuna) on {len(done)} {basis}, objective {metric}.")
     report.table(Table("importances", ["parameter", "importance"], rows))
 
 
@@ -554,7 +573,7 @@ def pareto_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> pd.
     rows = [[r["trial_id"], f"{r['pretrain_time_s']:.1f}", fmt_metric(spec, pd.Series([r[spec.name]])),
              *[fmt_setting(_round(r[p])) for p in params]] for _, r in front.iterrows()]
     report.heading("Accuracy vs pretraining time: Pareto front")
-    headers = ["trial", "pretrain time (s)", spec.label, *[p.removeprefix("param.") for p in params]]
+    headers = ["trial", "pretrain time (s)", spec.label, *[space.label_of(p) for p in params]]
     report.table(Table("pareto", headers, rows))
     return front
 
@@ -562,18 +581,30 @@ def pareto_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> pd.
 # --------------------------------------------------------------------------- plots
 
 
-def _png(fig) -> bytes:
+@dataclass(frozen=True)
+class Figure:
+    """A plot as a paper needs it: a 300-dpi PNG (embedded in the HTML) and a vector SVG."""
+
+    png: bytes
+    svg: bytes
+
+
+def _png(fig) -> Figure:
+    """Render (reproducibly: no dates, fixed SVG ids) and close a matplotlib figure."""
     import io
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib
     import matplotlib.pyplot as plt
 
+    matplotlib.rcParams["svg.hashsalt"] = "mae-search"
+    png, svg = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=300, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     plt.close(fig)
-    return buf.getvalue()
+    return Figure(png.getvalue(), svg.getvalue())
 
 
-def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
+def plot_factor(space: SearchSpace, table: pd.DataFrame) -> Figure | None:
     cols = factor_columns(space, table)
     done = completed_final(table)
     spec = BY_NAME.get(space.primary.metric)
@@ -591,14 +622,14 @@ def plot_factor(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
     x = [fmt_setting(v) for v in grouped[cols[0]]]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.errorbar(x, grouped["mean"] * spec.scale, yerr=grouped["std"].fillna(0) * spec.scale, fmt="o-", capsize=4)
-    ax.set_xlabel(cols[0].removeprefix("param."))
+    ax.set_xlabel(space.label_of(cols[0]))
     ax.set_ylabel(spec.label)
-    ax.set_title(f"{spec.label} vs {cols[0].removeprefix('param.')} (mean ± std over seeds)")
+    ax.set_title(f"{spec.label} vs {space.label_of(cols[0])} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     return _png(fig)
 
 
-def plot_curves(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
+def plot_curves(space: SearchSpace, table: pd.DataFrame) -> Figure | None:
     """Per-trial curves of the objective (points joined across epochs without evaluation) and the
     training loss, with the reference rows' means as horizontal lines on the objective."""
     import matplotlib
@@ -611,30 +642,47 @@ def plot_curves(space: SearchSpace, table: pd.DataFrame) -> bytes | None:
     keys = [k for k in (space.primary.metric, "loss") if k in trials and trials[k].notna().any()]
     if not keys or trials.empty:
         return None
+    from matplotlib.ticker import MaxNLocator
+
+    params = [c for c in trials.columns if c.startswith("param.")]
+    any_stopped = bool((trials["status"] == STATUS_STOPPED).any())
+    # One colour and one legend entry per configuration; its seeds are lines of the same colour.
+    configs = sorted({tuple(r) for r in trials[params].itertuples(index=False)}, key=_sort_key) if params else [()]
+    colours = {c: f"C{i % 10}" for i, c in enumerate(configs)}
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for trial_id, rows in trials.groupby("trial_id", sort=True):
+        labelled = set()
+        for _, rows in trials.groupby("trial_id", sort=True):
             rows = rows.dropna(subset=[key])
+            if rows.empty:
+                continue
+            config = tuple(rows.iloc[0][p] for p in params)
+            label = ", ".join(f"{space.label_of(p)}={fmt_setting(_round(v))}" for p, v in zip(params, config,
+                                                                                              strict=True))
             style = "--" if rows["status"].iloc[-1] == STATUS_STOPPED else "-"
-            ax.plot(rows["epoch"], rows[key] * metric(key).scale, style, marker=".", alpha=0.8, label=trial_id)
+            ax.plot(rows["epoch"], rows[key] * metric(key).scale, style, marker=".", alpha=0.8,
+                    color=colours.get(config, "C0"), label=None if config in labelled else (label or "base"))
+            labelled.add(config)
         if key == space.primary.metric and "reference" in refs:
             for (kind, group), color in zip(refs.groupby("reference", sort=True), ("0.3", "0.6"), strict=False):
                 if key in group and group[key].notna().any():
                     ax.axhline(group[key].mean() * metric(key).scale, color=color, linestyle=":",
                                label=REFERENCE_LABELS[kind])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric(key).label.removesuffix(" (last epoch)"))
         ax.grid(alpha=0.3)
-    axes[0][0].set_title("learning curves (dashed: stopped by ASHA; dotted: references)")
-    if trials["trial_id"].nunique() <= 12:
+    notes = (["dashed: stopped by ASHA"] if any_stopped else []) + (["dotted: references"] if not refs.empty else [])
+    axes[0][0].set_title("learning curves" + (f" ({'; '.join(notes)})" if notes else ""))
+    if len(configs) <= 12:
         axes[0][0].legend(fontsize=6, loc="best")
     return _png(fig)
 
 
-def plot_pareto(space: SearchSpace, table: pd.DataFrame, front: pd.DataFrame) -> bytes | None:
+def plot_pareto(space: SearchSpace, table: pd.DataFrame, front: pd.DataFrame) -> Figure | None:
     done = completed_final(table)
-    metric = space.primary.metric
-    if done.empty or "pretrain_time_s" not in done or metric not in done:
+    spec = metric(space.primary.metric)
+    if done.empty or "pretrain_time_s" not in done or spec.name not in done:
         return None
     import matplotlib
 
@@ -642,11 +690,11 @@ def plot_pareto(space: SearchSpace, table: pd.DataFrame, front: pd.DataFrame) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.scatter(done["pretrain_time_s"], done[metric], alpha=0.6, label="trials")
+    ax.scatter(done["pretrain_time_s"], done[spec.name] * spec.scale, alpha=0.6, label="trials")
     if not front.empty:
-        ax.plot(front["pretrain_time_s"], front[metric], "r-o", label="Pareto front")
-    ax.set_xlabel("pretraining time (s)")
-    ax.set_ylabel(metric)
+        ax.plot(front["pretrain_time_s"], front[spec.name] * spec.scale, "r-o", label="Pareto front")
+    ax.set_xlabel(BY_NAME["pretrain_time_s"].label)
+    ax.set_ylabel(spec.label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
@@ -757,6 +805,30 @@ def render_html(report: Report) -> str:
     return "\n".join(parts) + "\n"
 
 
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex(text: str) -> str:
+    out = "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "-")
+
+
+def render_latex(t: Table) -> str:
+    """A booktabs table to \\input{} into a paper (needs \\usepackage{booktabs}); the best row in bold."""
+    lines = [r"\begin{tabular}{l" + "r" * (len(t.headers) - 1) + "}", r"\toprule",
+             " & ".join(_latex(h) for h in t.headers) + r" \\", r"\midrule"]
+    for i, row in enumerate(t.rows):
+        cells = [_latex(c) for c in row]
+        if i == t.bold_row:
+            cells = [r"\textbf{" + c + "}" for c in cells]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if t.caption:
+        lines.insert(0, "% " + t.caption.replace("\n", " "))
+    return "\n".join(lines) + "\n"
+
+
 def _inline(text: str) -> str:
     """The little Markdown the report's paragraphs use: **bold** and `code`."""
     import re
@@ -781,8 +853,9 @@ def write_report(records: list[SearchRecord], out: str | Path, command: str) -> 
     tables.mkdir()
     for t in report.tables:
         pd.DataFrame(t.rows, columns=t.headers).to_csv(tables / f"{t.name}.csv", index=False)
-    for name, png in report.images.items():
-        (out / name).write_bytes(png)
+        (tables / f"{t.name}.tex").write_text(render_latex(t))
+    for name, data in {**report.images, **report.vectors}.items():
+        (out / name).write_bytes(data)
     return out / "README.md"
 
 

@@ -14,7 +14,6 @@ raw_pixels on reference rows), trial_time_s, checkpoint_path, config_json.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from mae_search.record import RESULTS_FILE, SPACE_FILE, TUNE_KEYS, Status, TrialRecord, epoch_records, status_after
+from mae_search.search_space import SearchSpace
 
 # Kept as names for the modules that compare table columns with them.
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED, STATUS_REFERENCE = (
@@ -195,12 +195,17 @@ class ResultsTableCallback(Callback):
 
 
 def search_summary(search_dir: Path) -> dict[str, Any]:
-    """Name, trial counts by status and best final metric of a search directory (for ``mae-search list``)."""
-    space = json.loads((search_dir / SPACE_FILE).read_text())
-    objective = space["objectives"][0]
-    df = final_rows(read_results(search_dir))
-    counts = df["status"].value_counts().to_dict()
-    metric, mode = objective["metric"], objective["mode"]
-    best = best_row(df, metric, mode)
-    return {"name": space["name"], "trials": len(df), "counts": counts, "metric": metric, "mode": mode,
-            "best": best}
+    """Name, planned trials, trial counts by status and best final metric of a search directory (for
+    ``mae-search list``); a search that has not reported yet has zero counts. Counted per configuration."""
+    space = SearchSpace.model_validate_json((search_dir / SPACE_FILE).read_text())
+    metric, mode = space.primary.metric, space.primary.mode
+    counts: dict[str, int] = {}
+    best = None
+    if (search_dir / RESULTS_FILE).is_file():
+        final = final_rows(read_results(search_dir))
+        if not final.empty:
+            trials = by_configuration(final, metric)
+            counts = trials["status"].value_counts().to_dict()
+            best = best_row(trials, metric, mode)
+    return {"name": space.name, "planned": space.total_trials(), "counts": counts, "metric": metric,
+            "mode": mode, "best": best}

@@ -142,6 +142,8 @@ class SearchSpace(_Strict):
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Resources()
     max_failures: int = Field(2, ge=0, description="restarts of a trial from its last checkpoint")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="how reports name a dimension, e.g. {masking.mask_ratio: mask ratio}")
     experiment: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
         description="MLflow experiment name; defaults to the space name (a name, never a path)",
@@ -188,6 +190,11 @@ class SearchSpace(_Strict):
     def seed_averaged(self) -> bool:
         """Each trial trains its configuration on every seed and reports their mean (seeds_per_trial > 1)."""
         return self.seeds_per_trial > 1
+
+    def label_of(self, key: str) -> str:
+        """A dimension's name in reports: the file's label, else its last dotted part in words."""
+        key = key.removeprefix("param.")
+        return self.labels.get(key) or key.rsplit(".", 1)[-1].replace("_", " ")
 
     def seeds_of_trial(self, config: dict[str, Any]) -> list[int]:
         """The seeds a Tune trial trains: all of them for a seed-averaged space, else the trial's own."""
@@ -266,6 +273,10 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(
             f"{source}: scheduler.max_epochs {space.scheduler.max_epochs} exceeds base epochs {base.epochs}"
         )
+    unknown_labels = sorted(set(space.labels) - set(space.dimensions))
+    if unknown_labels:
+        raise ConfigError(f"{source}: labels.{unknown_labels[0]}: not one of the dimensions "
+                          f"({', '.join(space.dimensions) or 'none'})")
     if space.factor is not None and space.factor not in space.dimensions:
         raise ConfigError(f"{source}: factor: '{space.factor}' is not one of the dimensions "
                           f"({', '.join(space.dimensions) or 'none'})")

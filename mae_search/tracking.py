@@ -345,7 +345,7 @@ class MLflowSearchCallback(Callback):
                 TAG_SEED: str(record.seed), TAG_STATUS: str(Status.RUNNING)}
         if record.tune_trial_id and record.tune_trial_id != record.trial_id:
             tags[TAG_TUNE_TRIAL] = record.tune_trial_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name(record), tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=record.label()[:250], tags=tags)
         run_id = run.info.run_id
         self.children[record.trial_id] = run_id
         self.logged[run_id] = set()
@@ -498,16 +498,9 @@ class MLflowSearchCallback(Callback):
         example = torch.rand(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.parent_id):
-            mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy())
-
-
-def run_name(record: TrialRecord) -> str:
-    """What a researcher reads in the runs table: the searched values (short keys) and the seed."""
-    def value(v: Any) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    searched = " ".join(f"{k.rsplit('.', 1)[-1]}={value(v)}" for k, v in sorted(record.params.items()))
-    return f"{searched or 'base'} seed={record.seed}"[:250]
+            # Requirements given, not inferred: inference re-imports everything in a subprocess (tens of s).
+            mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 def pd_notna(value: Any) -> bool:

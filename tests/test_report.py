@@ -263,18 +263,18 @@ def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
                                           "linear_probe_acc": acc})
         cb.on_trial_complete(0, [], trial)
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
-    depth = md.split("## Ablation: model.decoder_depth")[1].split("## ")[0]
-    assert "Other factors held at the best setting: model.decoder_embed_dim = 32." in depth
+    depth = md.split("## Ablation: decoder depth")[1].split("## ")[0]
+    assert "Other factors held at the best setting: decoder embed dim = 32." in depth
     # One seed per setting: no interval, so the best (2) is named but not marked.
     assert "| 1 | 1 | 13.2 |" in depth and "| 2 | 1 | 23.2 |" in depth
     assert "the best LP top-1 (%), 2, and the runner-up, 1, differ by +10.0 (n=1)" in depth
-    width = md.split("## Ablation: model.decoder_embed_dim")[1].split("## ")[0]
-    assert "model.decoder_depth = 2." in width and "| 16 | 1 | 21.6 |" in width
+    width = md.split("## Ablation: decoder embed dim")[1].split("## ")[0]
+    assert "decoder depth = 2." in width and "| 16 | 1 | 21.6 |" in width
     combined = md.split("## All settings")[1].split("## ")[0]
     assert combined.count("| decoder_depth=") == 4
     assert "the best LP top-1 (%), decoder_depth=2, decoder_embed_dim=32" in combined
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
-        "ablation_decoder_depth.csv", "ablation_decoder_embed_dim.csv", "ablation_all.csv"}
+        f"ablation_{name}.{ext}" for name in ("decoder_depth", "decoder_embed_dim", "all") for ext in ("csv", "tex")}
 
 
 def test_failed_trial_is_recorded_with_its_error(tmp_path):
@@ -309,3 +309,49 @@ def test_trial_record_survives_the_table_round_trip(tmp_path):
     again = pd.DataFrame.from_records([r.to_row() for r in records])
     assert sorted(again.columns) == sorted(table.columns)
     pd.testing.assert_frame_equal(again[table.columns], table, check_dtype=False)
+
+
+def test_report_files_a_paper_can_use(tmp_path):
+    """LaTeX (booktabs) beside each CSV, SVG beside each 300-dpi PNG, the file's labels for parameters."""
+    import struct
+    import xml.etree.ElementTree as ET
+
+    text = SPACE_TEMPLATE.replace("SEEDS", "[0, 1]") + "labels: {masking.mask_ratio: masking ratio}\n"
+    space, space_file, search_dir = new_search(tmp_path / "labelled", text)
+    assert space.label_of("param.masking.mask_ratio") == "masking ratio"
+    search_dir, _ = record(tmp_path, with_mlflow=False)
+    record_ = load_from_dir(search_dir)
+    record_.space.labels["masking.mask_ratio"] = "masking ratio"  # as if the file had given it
+    out = tmp_path / "out"
+    md = write_report([record_], out, "cmd").read_text()
+    assert "| masking ratio | n | LP top-1 (%) |" in md
+    tex = (out / "tables" / "ablation.tex").read_text().splitlines()
+    assert tex[0].startswith("% Final metrics of finished trials")
+    header = next(line for line in md.splitlines() if line.startswith("| masking ratio |"))
+    assert tex[1] == r"\begin{tabular}{l" + "r" * (header.count("|") - 2) + "}"
+    assert tex[2] == r"\toprule" and r"\midrule" in tex and tex[-1] == r"\end{tabular}" and tex[-2] == r"\bottomrule"
+    assert tex[3].startswith(r"masking ratio & n & LP top-1 (\%) &")
+    assert any(line.startswith(r"0.5 & 2 & 40.5 $\pm$ 0.7 &") for line in tex)
+    for name in ("factor", "curves", "pareto"):
+        assert ET.parse(out / f"{name}.svg").getroot().tag.endswith("svg")
+        png = (out / f"{name}.png").read_bytes()
+        at = png.index(b"pHYs") + 4
+        x_ppm, y_ppm, unit = struct.unpack(">IIB", png[at:at + 9])
+        assert unit == 1 and round(x_ppm * 0.0254) == 300 == round(y_ppm * 0.0254)
+
+
+def test_importance_falls_back_to_the_last_common_rung(tmp_path):
+    space, _, search_dir = new_search(tmp_path, OPTUNA_SPACE)
+    cb = ResultsTableCallback(search_dir, space.name, 2, space)
+    cb.setup()
+    for i in range(6):  # ASHA stops all but one after epoch 1
+        ratio, freq = 0.5 + 0.05 * i, 0.2 * ((i * 5) % 6) / 6
+        trial = FakeTrial(f"k{i}", {"masking.mask_ratio": ratio, "loss.freq_weight": freq, "seed": 0})
+        for epoch in (1, 2) if i == 5 else (1,):
+            cb.on_trial_result(0, [], trial, {"epoch": epoch, "training_iteration": epoch, "config": trial.config,
+                                              "linear_probe_acc": ratio * epoch / 2})
+        cb.on_trial_complete(0, [], trial)
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    section = md.split("## Parameter importances")[1]
+    assert "on 6 trials at epoch 1, the last rung every trial reached" in section
+    assert section.split("\n\n")[2].splitlines()[2].startswith("| masking.mask_ratio |")

@@ -36,7 +36,9 @@ def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     assert set(df.groupby("trial_id")["epoch"].apply(lambda e: tuple(sorted(e)))) >= {(1, 2, 3)}
     assert {"loss", "mse", "mask_ratio", "lr", "linear_probe_acc", "psnr", "config_json"} <= set(df.columns)
     listing = cli("list", "--storage", str(tmp_path / "results")).stdout
-    assert "asha" in listing and "min loss" in listing
+    row = next(line for line in listing.splitlines() if line.startswith("│ asha"))
+    planned, done, stopped, failed = (cell.strip() for cell in row.split("│")[2:6])
+    assert (planned, failed) == ("4", "0") and int(done) + int(stopped) == 4 and "(min loss)" in listing
 
 
 def _train_worker_pids() -> list[int]:

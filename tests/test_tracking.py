@@ -242,3 +242,27 @@ def test_tracking_flags_given_on_resume_take_effect(tmp_path):
         _ACTIVE.update(saved)
     assert len(runs_of(MlflowClient(first), "moved")[0]) == 1
     assert len(runs_of(MlflowClient(second), "moved")[0]) == 1  # a parent run in the new store too
+
+
+@pytest.mark.slow
+def test_ui_prints_its_url_once_the_server_answers(tmp_path):
+    from tests.conftest import cli_popen
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("some-search")
+    port = free_port()
+    proc = cli_popen("ui", "--storage", str(tmp_path), "--port", str(port))
+    try:
+        deadline = time.time() + 300
+        line = ""
+        while time.time() < deadline and "MLflow UI: http" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "ui exited"
+        assert f"MLflow UI: http://127.0.0.1:{port}" in line
+        # Printed only once the server answers: the health check succeeds at once.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    missing = cli("ui", "--storage", str(tmp_path / "elsewhere"), check=False)
+    assert missing.returncode == 2 and "pass --storage DIR" in missing.stdout
