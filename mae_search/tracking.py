@@ -489,18 +489,19 @@ class MLflowSearchCallback(Callback):
     def _log_encoder_model(self, model: Any, cfg: TrainConfig) -> None:
         """The best encoder as an MLflow model (``runs:/<parent run>/encoder``): images in, tokens out,
         exported with torch.export, so ``mlflow.pytorch.load_model`` needs neither this project nor its
-        code to load it."""
-        import mlflow
+        code to load it. Saved locally and logged as the run's artifacts through this callback's client:
+        no global MLflow state (``mlflow.set_tracking_uri`` would leak into the rest of the process)."""
+        import mlflow.pytorch
 
         from mae_search.model import MAEEncoder
 
         encoder = MAEEncoder(model).eval()
         example = torch.rand(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.parent_id):
+        with tempfile.TemporaryDirectory() as tmp:
             # Requirements given, not inferred: inference re-imports everything in a subprocess (tens of s).
-            mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            mlflow.pytorch.save_model(encoder, Path(tmp) / "encoder", input_example=example.numpy(),
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(self.parent_id, str(Path(tmp) / "encoder"), "encoder")
 
 
 def pd_notna(value: Any) -> bool:

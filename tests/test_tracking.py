@@ -78,7 +78,7 @@ def runs_of(client: MlflowClient, experiment: str):
 
 
 @pytest.mark.slow
-def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
+def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server, monkeypatch):
     space = micro_space(tmp_path, "tracked", ASHA_BLR_BODY.format(num_samples=3) + "experiment: tracked-exp\n"
                         "description: Learning rates for the micro model.\n")
     cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2",
@@ -131,10 +131,10 @@ def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server):
     model, cfg = load_encoder(parent.info.run_id, mlflow_server)
     assert cfg.model.embed_dim == 32 and model.cls_token.shape[-1] == 32
     # The best encoder is an MLflow model: images in, tokens out, the same features as the checkpoint's.
-    import mlflow
+    import mlflow.pytorch
     import torch
 
-    mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a user's own script would point at it
     shared = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/encoder")
     images = torch.rand(3, 3, 16, 16)
     features = shared(images)
