@@ -114,6 +114,9 @@ def search(
     mlflow: Annotated[bool, typer.Option(help="log the search to MLflow")] = True,
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the embedded store's table-creation notices
     from mae_search.data import check_local_data
     from mae_search.progress import SearchProgress, stop_progress
     from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
@@ -151,9 +154,10 @@ def search(
         check_search_dir(space, storage, resume)  # before Ray starts
         if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
             plan_concurrency(space, local_resources(num_cpus))
+        ray_log = log_ray_to(search_dir)
         console.print(init_ray(address, num_cpus))
-        console.print(f"logs: Ray's driver messages in {log_ray_to(search_dir)}, its workers' in Ray's session "
-                      "logs (ray/session_latest/logs under the temp directory of each node)", highlight=False)
+        console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
+                      "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
         try:
             _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
                                    num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
@@ -309,7 +313,8 @@ def log_ray_to(search_dir: Path) -> Path:
     path = search_dir / "ray-driver.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.tune", "ray.train"):
+    # ray.init resets the "ray" logger's handlers, so its sub-loggers get the file too.
+    for name in ("ray", "ray._private", "ray.tune", "ray.train", "ray.util", "ray.air"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False

@@ -369,10 +369,12 @@ def make_searcher(space: SearchSpace, search_dir: str | Path) -> Any:
     """
     if space.is_grid:
         return None
+    import optuna
     from optuna.storages import RDBStorage
     from ray.tune.search.optuna import OptunaSearch
 
     Path(search_dir).mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study/trial on the terminal
     common = dict(sampler=make_sampler(space), points_to_evaluate=space.initial_points or None,
                   study_name=space.name, storage=RDBStorage(optuna_storage_url(search_dir)))
     objectives = space.objectives
@@ -639,6 +641,9 @@ def run_search(
     # Epochs without an evaluation report no probe metric. Tune would reject those results; ASHA, which
     # reads the metric every epoch, is refused by validation unless eval.every_epochs is 1.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's newer console output prints its own header and a TensorBoard hint even when silent; the legacy
+    # one at verbose=0 prints nothing, leaving the terminal to the project's view (progress.py).
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     check_search_dir(space, storage, resume)
     init_ray(address, num_cpus)
     plan = plan_concurrency(space, ray.cluster_resources())
