@@ -175,11 +175,12 @@ def search(
     trials = by_configuration(table, space.primary.metric)  # a seed-averaged trial counts once
     seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
     console.print(f"{len(trials)} trials{seeds} in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
-    unfinished = int((trials["status"] == "running").sum())
+    ended = int(trials["status"].isin(["completed", "stopped_early", "failed"]).sum())
+    unfinished = space.total_trials() - ended  # cut off mid-way, and never started
     failed = int((trials["status"] == "failed").sum())
     if failed:
         console.print(f"[red]{failed} trial(s) failed[/]: their errors are in the table's error column")
-    if unfinished or len(trials) < space.total_trials():
+    if unfinished > 0:
         sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
         console.print(
             f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "
