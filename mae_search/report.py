@@ -781,7 +781,7 @@ def render_html(report: Report) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-             "td:first-child{text-align:left}.best td{font-weight:bold}</style></head><body>",
+             "td:first-child{text-align:left}.best td{font-weight:bold}img{max-width:100%;height:auto}</style></head><body>",
              f"<h1>{html.escape(report.title)}</h1>"]
     for kind, payload in report.blocks:
         if kind == "h2":
@@ -790,8 +790,11 @@ def render_html(report: Report) -> str:
             parts.append(f"<p>{_inline(payload)}</p>")
         elif kind == "img":
             name, alt = payload
-            data = base64.b64encode(report.images[name]).decode()
-            parts.append(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>")
+            png = report.images[name]
+            data = base64.b64encode(png).decode()
+            width = int.from_bytes(png[16:20], "big")  # IHDR: shown at 100 dpi, so a 300-dpi plot stays sharp
+            shown = width // 3 if name != GRID_FILE else width
+            parts.append(f"<img alt='{html.escape(alt)}' style='width:{shown}px' src='data:image/png;base64,{data}'>")
         else:
             t: Table = payload
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr>")
