@@ -781,7 +781,8 @@ def render_html(report: Report) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-             "td:first-child{text-align:left}.best td{font-weight:bold}img{max-width:100%;height:auto}</style></head><body>",
+             "td:first-child{text-align:left}.best td{font-weight:bold}img{max-width:100%;height:auto}</style>"
+             "</head><body>",
              f"<h1>{html.escape(report.title)}</h1>"]
     for kind, payload in report.blocks:
         if kind == "h2":

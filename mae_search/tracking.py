@@ -197,6 +197,7 @@ class MLflowSearchCallback(Callback):
         self.disabled = False
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self.restored = False  # True in the copy Tune restores from the experiment on --resume
 
     # ----------------------------------------------------------------- safety
 
@@ -234,8 +235,9 @@ class MLflowSearchCallback(Callback):
         return True
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment; the thread and its queue stay behind.
-        return {**self.__dict__, "_queue": None, "_thread": None}
+        # Tune pickles its callbacks with the experiment; the thread and its queue stay behind, and the copy
+        # it restores on --resume knows it is one (so it takes the resumed run's tracking flags).
+        return {**self.__dict__, "_queue": None, "_thread": None, "restored": True}
 
     @property
     def client(self):
@@ -248,7 +250,7 @@ class MLflowSearchCallback(Callback):
     # ----------------------------------------------------------------- parent run
 
     def setup(self, **info: Any) -> None:
-        if _ACTIVE["configured"]:
+        if self.restored and _ACTIVE["configured"]:
             if _ACTIVE["uri"] != self.uri:  # another store than the pickled run's: start its runs afresh
                 self.parent_id, self.experiment_id, self.children = None, None, {}
             self.uri = _ACTIVE["uri"]
