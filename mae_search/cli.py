@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -194,20 +195,22 @@ def search(
 @app.command("list")
 def list_searches(
     storage: Annotated[Path, typer.Option(help="results root")] = Path("results"),
+    format_: Annotated[str, typer.Option("--format", help="table, csv, markdown or json")] = "table",
+    wide: Annotated[bool, typer.Option(help="one line per search however wide the terminal")] = False,
 ) -> None:
     """Show the searches under STORAGE: trials planned, done, stopped, failed and running, and the best."""
+    import pandas as pd
     from rich.table import Table
 
     from mae_search.metrics import metric as registered
     from mae_search.results import SPACE_FILE, search_summary
 
+    if format_ not in ("table", "csv", "markdown", "json"):
+        _fail(f"--format {format_}: expected table, csv, markdown or json")
     dirs = sorted(p.parent for p in storage.glob(f"*/{SPACE_FILE}"))
     if not dirs:
         _fail(f"no searches under {storage}")
-    table = Table("search", "planned", "done", "stopped", "failed", "running", "best", "best trial")
-    for column in table.columns:
-        column.overflow = "fold"
-    unreadable = []
+    rows, unreadable = [], []
     for d in dirs:
         try:
             s = search_summary(d)
@@ -215,13 +218,29 @@ def list_searches(
             unreadable.append(f"{d}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
             continue
         counts, best, spec = s["counts"], s["best"], registered(s["metric"])
-        value = "-" if best is None else f"{best[s['metric']] * spec.scale:.{spec.digits}f}"
-        table.add_row(
-            s["name"], str(s["planned"]), str(counts.get("completed", 0)), str(counts.get("stopped_early", 0)),
-            str(counts.get("failed", 0)), str(counts.get("running", 0)) if counts else "not yet reported",
-            f"{value} ({s['mode']} {s['metric']})", "-" if best is None else str(best["trial_id"]),
-        )
-    console.print(table)
+        rows.append({
+            "search": s["name"], "planned": s["planned"], "done": counts.get("completed", 0),
+            "stopped": counts.get("stopped_early", 0), "failed": counts.get("failed", 0),
+            "running": counts.get("running", 0) if counts else None, "objective": f"{s['mode']} {s['metric']}",
+            "best": None if best is None else round(float(best[s["metric"]]) * spec.scale, spec.digits),
+            "best_trial": None if best is None else str(best["trial_id"]),
+        })
+    if format_ != "table":
+        df = pd.DataFrame(rows)
+        text = {"csv": lambda: df.to_csv(index=False), "markdown": lambda: df.to_markdown(index=False) + "\n",
+                "json": lambda: df.to_json(orient="records", indent=2) + "\n"}[format_]()
+        sys.stdout.write(text)
+    else:
+        table = Table("search", "planned", "done", "stopped", "failed", "running", "best", "best trial")
+        for column in table.columns:
+            column.overflow = "fold"
+            column.no_wrap = wide
+        for r in rows:
+            best = "-" if r["best"] is None else f"{r['best']} ({r['objective']})"
+            running = "not yet reported" if r["running"] is None else str(r["running"])
+            table.add_row(r["search"], str(r["planned"]), str(r["done"]), str(r["stopped"]), str(r["failed"]),
+                          running, best, r["best_trial"] or "-")
+        (Console(width=10_000) if wide else console).print(table)
     for line in unreadable:
         console.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)
 

@@ -40,3 +40,29 @@ def test_train_errors_are_one_line(tmp_path):
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"corrupt")
     corrupt = cli("train", "--out", str(tmp_path / "run"), "--resume", check=False)
     assert corrupt.returncode == 2 and "corrupt, unreadable or unsafe checkpoint" in corrupt.stdout
+
+
+def test_list_counts_and_formats(tmp_path):
+    """`list` counts a search's configurations by how they ended and shows one not reported yet."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mae_search.cli import app
+    from tests.test_report import record
+
+    record(tmp_path, with_mlflow=False)  # 6 trials: 5 completed, 1 stopped by ASHA
+    quiet = tmp_path / "results" / "quiet"
+    quiet.mkdir()
+    (quiet / "search_space.json").write_text(
+        (tmp_path / "results" / "fixture-ablation" / "search_space.json").read_text().replace(
+            '"fixture-ablation"', '"quiet"'))
+    out = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results"), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["search"]: r for r in json.loads(out.output)}
+    assert {k: rows["fixture-ablation"][k] for k in ("planned", "done", "stopped", "failed", "running")} == {
+        "planned": 6, "done": 5, "stopped": 1, "failed": 0, "running": 0}
+    assert rows["fixture-ablation"]["best"] == 51.0 and rows["quiet"]["running"] is None
+    table = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results")]).output
+    assert "quiet" in table and "reported" in table and "…" not in table  # wrapped, never cut
+    assert CliRunner().invoke(app, ["list", "--storage", str(tmp_path), "--format", "xml"]).exit_code == 2
