@@ -35,10 +35,9 @@ def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     # One row per trial and epoch, with the config that produced it.
     assert set(df.groupby("trial_id")["epoch"].apply(lambda e: tuple(sorted(e)))) >= {(1, 2, 3)}
     assert {"loss", "mse", "mask_ratio", "lr", "linear_probe_acc", "psnr", "config_json"} <= set(df.columns)
-    listing = cli("list", "--storage", str(tmp_path / "results")).stdout
-    row = next(line for line in listing.splitlines() if line.startswith("│ asha"))
-    planned, done, stopped, failed = (cell.strip() for cell in row.split("│")[2:6])
-    assert (planned, failed) == ("4", "0") and int(done) + int(stopped) == 4 and "(min loss)" in listing
+    [listed] = json.loads(cli("list", "--storage", str(tmp_path / "results"), "--format", "json").stdout)
+    assert (listed["search"], listed["planned"], listed["failed"], listed["objective"]) == ("asha", 4, 0, "min loss")
+    assert listed["done"] + listed["stopped"] == 4 and listed["stopped"] >= 1
 
 
 def _train_worker_pids() -> list[int]:
