@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mae_search.metrics import metric
 from mae_search.record import TrialRecord
 from mae_search.search_space import SearchSpace
 
@@ -108,7 +109,7 @@ class SearchProgress(Callback):
     def _ended(self, line: TrialLine) -> None:
         if self._live is None and self.console is not None:  # not a terminal: a line per finished trial
             self.console.print(f"[{self.done()}/{self.space.total_trials()}] {line.label}: {line.status}, "
-                               f"{self.space.primary.metric} {self._value(line)}  ({self.summary()})",
+                               f"{metric(self.space.primary.metric).label} {self._value(line)}  ({self.summary()})",
                                highlight=False, soft_wrap=True)
         self._refresh()
 
@@ -135,12 +136,15 @@ class SearchProgress(Callback):
                 f"{fmt_duration(time.monotonic() - self.started)} elapsed, {left}")
 
     def _value(self, line: TrialLine) -> str:
+        """In the unit the tables use (LP top-1 in %, losses as they are)."""
         if line.value is None:
             return "-"
-        return f"{line.value:.4g}" + (f" ± {line.std:.2g}" if line.std is not None else "")
+        spec = metric(self.space.primary.metric)
+        shown = f"{line.value * spec.scale:.{spec.digits}f}"
+        return shown + (f" ± {line.std * spec.scale:.{spec.digits}f}" if line.std is not None else "")
 
     def render(self) -> Table:
-        objective = f"{self.space.primary.mode} {self.space.primary.metric}"
+        objective = f"{self.space.primary.mode} {metric(self.space.primary.metric).label}"
         table = Table(title=f"search {self.space.name}", caption=self.summary(), expand=False)
         table.add_column("trial", overflow="fold")
         table.add_column("epoch", justify="right", no_wrap=True)
