@@ -171,7 +171,8 @@ def search(
         table = final_rows(read_results(search_dir))
     except FileNotFoundError:
         _fail(f"search '{space.name}' ended before any trial reported a result")
-    _print_trials(table, space.primary.metric, space.primary.mode)
+    _print_trials(table, space.primary.metric, space.primary.mode,
+                  {f"param.{k}": space.label_of(k) for k in space.dimensions})
     _print_references(read_results(search_dir, with_references=True))
     trials = by_configuration(table, space.primary.metric)  # a seed-averaged trial counts once
     seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
@@ -231,15 +232,16 @@ def list_searches(
                 "json": lambda: df.to_json(orient="records", indent=2) + "\n"}[format_]()
         sys.stdout.write(text)
     else:
-        table = Table("search", "planned", "done", "stopped", "failed", "running", "best", "best trial")
+        objectives = "; ".join(f"{r['search']}: {r['objective']}" for r in rows)
+        table = Table("search", "planned", "done", "stopped", "failed", "running", "best", "best trial",
+                      caption=f"best: the objective's best final value ({objectives})")
         for column in table.columns:
             column.overflow = "fold"
-            column.no_wrap = wide
+            column.no_wrap = wide or column.header in ("search", "best", "best trial")
         for r in rows:
-            best = "-" if r["best"] is None else f"{r['best']} ({r['objective']})"
             running = "not yet reported" if r["running"] is None else str(r["running"])
             table.add_row(r["search"], str(r["planned"]), str(r["done"]), str(r["stopped"]), str(r["failed"]),
-                          running, best, r["best_trial"] or "-")
+                          running, "-" if r["best"] is None else str(r["best"]), r["best_trial"] or "-")
         (Console(width=10_000) if wide else console).print(table)
     for line in unreadable:
         console.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)
@@ -352,7 +354,7 @@ def rank_trials(df, metric: str, mode: str):
     return df.sort_values(["_group", "_epoch"]).drop(columns=["_group", "_epoch"])
 
 
-def _print_trials(df, metric: str, mode: str) -> None:
+def _print_trials(df, metric: str, mode: str, space_labels: dict[str, str] | None = None) -> None:
     """The final row of each trial, best first; a seed-averaged trial is one row: mean ± std over its seeds."""
     from rich.table import Table
 
@@ -366,11 +368,17 @@ def _print_trials(df, metric: str, mode: str) -> None:
     df = rank_trials(by_configuration(df, metric), metric, mode)
     averaged = (df["seeds"] > 1).any()
     spec = registered(metric)
+    space_labels = space_labels or {}
     table = Table(caption=f"completed trials first, ranked by {mode} {spec.label}; stopped ones by the epoch "
                           "they reached" if (df["status"] == "stopped_early").any() else None)
-    for header in ("trial", "status", "seeds" if averaged else "seed", *[p.removeprefix("param.") for p in params],
-                   "epochs", spec.label):
-        table.add_column(header, overflow="fold")
+    # Identity and status never wrap; the searched values and the objective fold to fit the terminal.
+    table.add_column("trial", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("seeds" if averaged else "seed", overflow="fold")
+    for p in params:
+        table.add_column(space_labels.get(p, p.removeprefix("param.")), overflow="fold", min_width=5)
+    table.add_column("epoch", overflow="fold")
+    table.add_column(spec.label, overflow="fold", min_width=5)
     for _, row in df.iterrows():
         value, std = row.get(metric), row.get(f"{metric}_std")
         shown = "-" if value is None or value != value else f"{value * spec.scale:.{spec.digits}f}"
@@ -379,7 +387,7 @@ def _print_trials(df, metric: str, mode: str) -> None:
         status = "stopped" if row["status"] == "stopped_early" else row["status"]
         table.add_row(
             row["trial_id"], status, str(row["seeds"] if averaged else row["seed"]),
-            *[f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in params],
+            *[f"{row[p]:.3g}" if isinstance(row[p], float) else str(row[p]) for p in params],
             str(row["epoch"]), shown,
         )
     console.print(table)
