@@ -64,5 +64,7 @@ def test_list_counts_and_formats(tmp_path):
         "planned": 6, "done": 5, "stopped": 1, "failed": 0, "running": 0}
     assert rows["fixture-ablation"]["best"] == 51.0 and rows["quiet"]["running"] is None
     table = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results")]).output
-    assert "quiet" in table and "reported" in table and "…" not in table  # wrapped, never cut
+    assert "fixture-ablation" in table and "…" not in table  # folded to 80 columns, never cut
+    wide = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results"), "--wide"]).output
+    assert "│ quiet " in wide and "not yet reported" in wide
     assert CliRunner().invoke(app, ["list", "--storage", str(tmp_path), "--format", "xml"]).exit_code == 2
