@@ -290,8 +290,8 @@ def ui(
     wait_s: Annotated[float, typer.Option(help="how long to wait for the server to answer")] = 300.0,
 ) -> None:
     """Start the MLflow UI on the embedded store (or --tracking-uri); prints its URL once it answers."""
+    import signal
     import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -305,6 +305,12 @@ def ui(
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", str(workers)]
     server = subprocess.Popen(args)
+
+    def stop(signum: int, frame: object) -> None:  # a plain kill of `mae-search ui` stops the server too
+        server.terminate()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     console.print(f"starting the MLflow UI for {uri} ...", highlight=False)
     deadline = time.monotonic() + wait_s
     try:

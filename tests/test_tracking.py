@@ -262,7 +262,16 @@ def test_ui_prints_its_url_once_the_server_answers(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
             assert resp.status == 200
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.terminate()  # a plain kill: the server it started goes too
         proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            time.sleep(1)
+        except OSError:
+            break
+    else:
+        raise AssertionError("the MLflow server outlived `mae-search ui`")
     missing = cli("ui", "--storage", str(tmp_path / "elsewhere"), check=False)
     assert missing.returncode == 2 and "pass --storage DIR" in missing.stdout
