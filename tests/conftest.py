@@ -88,3 +88,17 @@ def cli_popen(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "mae_search.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def start_ui(storage: Path, port: int, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """`mae-search ui` in a child process; returns it and the line that announced the URL (or "")."""
+    import time
+
+    proc = cli_popen("ui", "--storage", str(storage), "--port", str(port))
+    deadline = time.time() + timeout_s
+    line = ""
+    while time.time() < deadline and "MLflow UI: http" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    return proc, line

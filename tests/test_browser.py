@@ -9,13 +9,12 @@ its scripts ran) for what must be there, and the screenshot for a page that is n
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import cli, cli_popen
+from tests.conftest import cli, start_ui
 
 pytestmark = pytest.mark.slow
 REPORT = Path(__file__).parent.parent / "reports" / "improvements-tiny" / "report.html"
@@ -70,12 +69,9 @@ def test_mlflow_ui_shows_the_search_and_a_stopped_trial(chromium, tmp_path):
     from tests.test_tracking import free_port
 
     port = free_port()
-    ui = cli_popen("ui", "--storage", str(tmp_path), "--port", str(port))
+    ui, line = start_ui(tmp_path, port)
     try:
-        deadline = time.time() + 300
-        line = ""
-        while time.time() < deadline and "MLflow UI: http" not in line:
-            line = ui.stdout.readline()
+        assert "MLflow UI: http" in line
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment}"
         runs = render(chromium, f"{base}/runs", tmp_path / "mlflow_runs.png")
         assert "fixture-ablation" in runs and "Synthetic recorded results." in runs  # the space's description

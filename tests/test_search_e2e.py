@@ -268,27 +268,45 @@ def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
         assert sorted(steps) == sorted(rows["epoch"]), trial_id
 
 
-def test_interrupt_loses_no_epoch_and_a_torn_checkpoint_falls_back(tmp_path):
-    """Ctrl-C mid-trial; then, as if the last result never reached the driver and the last checkpoint was
-    torn: the resumed trial restarts from the older intact checkpoint, and the table and MLflow end with
-    every epoch exactly once."""
-    import mlflow
-
-    from mae_search.checkpoint import load_checkpoint
-
-    storage = tmp_path / "results"
-    space = micro_space(tmp_path, "torn", """
+ONE_LONG_TRIAL = """
 dimensions:
   masking.mask_ratio: {grid: [0.75]}
 metric: loss
 mode: min
 scheduler: {type: none}
-""", epochs=6, num_train=3000)
+"""
+
+
+def start_until_epoch(space: Path, storage: Path, name: str, epoch: int):
+    """Start a search in a child process and return it (and its table) once the table reaches ``epoch``."""
     proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
-    table = storage / "torn" / "results.parquet"
+    table = storage / name / "results.parquet"
     deadline = time.time() + 300
-    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 3):
+    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= epoch):
         time.sleep(0.2)
+    return proc, table
+
+
+def trial_run_steps(storage: Path, experiment: str) -> tuple[list[int], str]:
+    """The epochs the search's one trial run holds in MLflow (each should appear once), and its status."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
+             and r.data.tags.get("mae_search.kind") != "search"]
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), run.info.status
+
+
+def test_interrupt_loses_no_epoch_and_a_torn_checkpoint_falls_back(tmp_path):
+    """Ctrl-C mid-trial; then, as if the last result never reached the driver and the last checkpoint was
+    torn: the resumed trial restarts from the older intact checkpoint, and the table and MLflow end with
+    every epoch exactly once."""
+    from mae_search.checkpoint import load_checkpoint
+
+    storage = tmp_path / "results"
+    space = micro_space(tmp_path, "torn", ONE_LONG_TRIAL, epochs=6, num_train=3000)
+    proc, table = start_until_epoch(space, storage, "torn", 3)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-3000:]
@@ -310,31 +328,15 @@ scheduler: {type: none}
     assert (after["status"] == "completed").all()
     restored = after[after["restored_from_epoch"] > 0]["restored_from_epoch"]
     assert restored.max() == intact_epoch < torn_epoch  # from the intact checkpoint before the torn one
-    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("torn")
-    [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
-             and r.data.tags.get("mae_search.kind") != "search"]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
+    assert trial_run_steps(storage, "torn") == ([1, 2, 3, 4, 5, 6], "FINISHED")
 
 
 def test_killed_driver_resumes_with_every_epoch_once(tmp_path):
     """SIGKILL of the `mae-search search` process itself (no handler runs), then --resume: the trial
     continues from its checkpoint and the table and MLflow end with every epoch once, the run FINISHED."""
-    import mlflow
-
     storage = tmp_path / "results"
-    space = micro_space(tmp_path, "killed", """
-dimensions:
-  masking.mask_ratio: {grid: [0.75]}
-metric: loss
-mode: min
-scheduler: {type: none}
-""", epochs=6, num_train=3000)
-    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
-    table = storage / "killed" / "results.parquet"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 2):
-        time.sleep(0.2)
+    space = micro_space(tmp_path, "killed", ONE_LONG_TRIAL, epochs=6, num_train=3000)
+    proc, table = start_until_epoch(space, storage, "killed", 2)
     proc.kill()
     proc.communicate(timeout=60)
     assert read_results(table)["epoch"].max() < 6, "the trial finished before the kill"
@@ -344,9 +346,4 @@ scheduler: {type: none}
     after = read_results(table).sort_values("epoch")
     assert after["epoch"].tolist() == [1, 2, 3, 4, 5, 6], out.stdout[-2000:]
     assert (after["status"] == "completed").all() and after["restored_from_epoch"].max() >= 1
-    client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("killed")
-    [run] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_search.status") != "reference"
-             and r.data.tags.get("mae_search.kind") != "search"]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
-    assert run.info.status == "FINISHED"
+    assert trial_run_steps(storage, "killed") == ([1, 2, 3, 4, 5, 6], "FINISHED")

@@ -246,17 +246,12 @@ def test_tracking_flags_given_on_resume_take_effect(tmp_path):
 
 @pytest.mark.slow
 def test_ui_prints_its_url_once_the_server_answers(tmp_path):
-    from tests.conftest import cli_popen
+    from tests.conftest import start_ui
 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("some-search")
     port = free_port()
-    proc = cli_popen("ui", "--storage", str(tmp_path), "--port", str(port))
+    proc, line = start_ui(tmp_path, port)
     try:
-        deadline = time.time() + 300
-        line = ""
-        while time.time() < deadline and "MLflow UI: http" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "ui exited"
         assert f"MLflow UI: http://127.0.0.1:{port}" in line
         # Printed only once the server answers: the health check succeeds at once.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
