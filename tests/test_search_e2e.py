@@ -58,12 +58,8 @@ mode: min
 scheduler: {type: none}
 max_failures: 2
 """, epochs=8, num_train=3000)
-    proc = cli_popen("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
-    table = tmp_path / "results" / "fault" / "results.parquet"
-    deadline = time.time() + 300
     # Once Tune has epoch 2, the checkpoint of epoch 1 is registered with Ray Train.
-    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= 2):
-        time.sleep(0.2)
+    proc, table = start_until(space, tmp_path / "results", "fault", reached_epoch(2))
     pids = _train_worker_pids()
     assert pids, "no Ray Train worker process found"
     for pid in pids:
@@ -86,13 +82,7 @@ scheduler: {type: none}
 max_concurrent_trials: 1
 """, epochs=3, num_train=1500)
     storage = tmp_path / "results"
-    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
-    table = storage / "resume" / "results.parquet"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if table.is_file() and (read_results(table)["status"] == "completed").any():
-            break
-        time.sleep(0.5)
+    proc, table = start_until(space, storage, "resume", a_trial_completed)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     before = read_results(table)
@@ -231,13 +221,7 @@ def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
 
     storage = tmp_path / "results"
     space = micro_space(tmp_path, "resumed", ASHA_BLR_BODY.format(num_samples=3), epochs=3, num_train=256)
-    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
-    table = storage / "resumed" / "results.parquet"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if table.is_file() and (read_results(table)["status"] == "completed").any():
-            break
-        time.sleep(0.2)
+    proc, table = start_until(space, storage, "resumed", a_trial_completed)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     before = read_results(table)
@@ -277,14 +261,22 @@ scheduler: {type: none}
 """
 
 
-def start_until_epoch(space: Path, storage: Path, name: str, epoch: int):
-    """Start a search in a child process and return it (and its table) once the table reaches ``epoch``."""
+def start_until(space: Path, storage: Path, name: str, ready) -> tuple:
+    """Start a search in a child process; return it and its table once ``ready(table)`` holds (or 300 s)."""
     proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2")
     table = storage / name / "results.parquet"
     deadline = time.time() + 300
-    while time.time() < deadline and not (table.is_file() and read_results(table)["epoch"].max() >= epoch):
+    while time.time() < deadline and not (table.is_file() and ready(read_results(table))):
         time.sleep(0.2)
     return proc, table
+
+
+def reached_epoch(epoch: int):
+    return lambda df: df["epoch"].max() >= epoch
+
+
+def a_trial_completed(df) -> bool:
+    return bool((df["status"] == "completed").any())
 
 
 def trial_run_steps(storage: Path, experiment: str) -> tuple[list[int], str]:
@@ -306,7 +298,7 @@ def test_interrupt_loses_no_epoch_and_a_torn_checkpoint_falls_back(tmp_path):
 
     storage = tmp_path / "results"
     space = micro_space(tmp_path, "torn", ONE_LONG_TRIAL, epochs=6, num_train=3000)
-    proc, table = start_until_epoch(space, storage, "torn", 3)
+    proc, table = start_until(space, storage, "torn", reached_epoch(3))
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-3000:]
@@ -336,7 +328,7 @@ def test_killed_driver_resumes_with_every_epoch_once(tmp_path):
     continues from its checkpoint and the table and MLflow end with every epoch once, the run FINISHED."""
     storage = tmp_path / "results"
     space = micro_space(tmp_path, "killed", ONE_LONG_TRIAL, epochs=6, num_train=3000)
-    proc, table = start_until_epoch(space, storage, "killed", 2)
+    proc, table = start_until(space, storage, "killed", reached_epoch(2))
     proc.kill()
     proc.communicate(timeout=60)
     assert read_results(table)["epoch"].max() < 6, "the trial finished before the kill"
