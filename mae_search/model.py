@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
 from mae_search.config import ModelConfig
@@ -82,6 +81,16 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def drop_path_layer(rate: float) -> nn.Module:
+    """timm's DropPath (stochastic depth, fine-tuning only), imported when used: importing timm pulls in
+    torchvision's model zoo, about 1 s that every pre-training process would otherwise pay at start-up."""
+    if rate <= 0:
+        return nn.Identity()
+    from timm.layers import DropPath
+
+    return DropPath(rate)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)); drop path (stochastic depth) for fine-tuning."""
 
@@ -91,7 +100,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -1,15 +1,16 @@
-"""Ray wiring: each Tune trial launches a Ray Train ``TorchTrainer`` running the MAE trainer.
+"""Ray wiring of a search: Tune with Optuna and ASHA, the cluster's plan, resume checks, references.
 
-Ray 2.60 uses Train V2, where a Trainer cannot be handed to a Tuner. Instead
-the Tune trainable (:func:`run_trial`) builds a TorchTrainer per seed it
-trains and calls ``fit()``; a Train callback forwards every epoch's metrics
-to the trial, which reports the mean over its seeds to Tune, so Optuna sees
-them and ASHA can stop the trial between epochs.
+Each Tune trial runs :func:`mae_search.trial.run_trial`, which trains its
+configuration once per seed: as a Ray task when a seed has one worker, or as a
+Ray Train ``TorchTrainer`` (DDP) when it has several. Ray 2.60 uses Train V2,
+where a Trainer cannot be handed to a Tuner, so the trial builds it and calls
+``fit()``. The seeds' epochs reach Tune as their mean, so Optuna sees them and
+ASHA can stop the trial between epochs.
 
 Layout under ``<storage>/<search name>/``: Tune's experiment state, one
-``train_runs/<trial id>/`` per trial (Ray Train checkpoints; a failed worker
-group restarts from there, and a resumed search's unfinished trial too,
-because its Train run keeps the same name), and ``results.parquet``.
+``train_runs/<trial id>/`` per trial and seed (checkpoints; a lost worker
+restarts from there, and a resumed search's unfinished trial too, because the
+directory is named by trial and seed), and ``results.parquet``.
 """
 
 from __future__ import annotations
@@ -17,137 +18,31 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.util.queue import Empty, Queue
 
-from mae_search.checkpoint import CHECKPOINT_FILE, CheckpointError
-from mae_search.config import ConfigError, TrainConfig
-from mae_search.data import DataError, load_data
-from mae_search.evaluate import REFERENCE_KINDS, evaluate_reference
-from mae_search.metrics import BY_NAME
-from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
+from mae_search.config import ConfigError
+from mae_search.data import DataError
+from mae_search.evaluate import REFERENCE_KINDS
 from mae_search.results import RESULTS_FILE, SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
-from mae_search.train import Trainer, resolve_device
+from mae_search.seed_run import reference_task
+from mae_search.trial import run_trial
 
-# The Tune-side driver of a trial only waits on its Ray Train run. It takes no
+# The Tune-side driver of a trial only waits on its seeds' runs. It takes no
 # CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
 # leaves every CPU to the training workers; see plan_concurrency.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1024 * 1024}
-TRAIN_RUNS_DIR = "train_runs"
-
-
-# --------------------------------------------------------------------------- worker side
-
-
-FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Body of every Ray Train worker: the plain Trainer, reporting through ``ray.train.report``.
-
-    A configuration, data or checkpoint error would fail the same way on every retry, so instead of
-    raising (which Ray Train retries up to max_failures times) it is reported as one line and the
-    trial's driver fails the trial with it at once.
-    """
-    try:
-        train_seed(loop_config)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        ray.train.report({FATAL_KEY: f"{type(exc).__name__}: {exc}"}, checkpoint=None)
-
-
-def train_seed(loop_config: dict[str, Any]) -> None:
-    """Train one seed's configuration to its last epoch, from its latest intact checkpoint if any."""
-    cfg = TrainConfig.model_validate(loop_config["train_config"])
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    wrap = ray.train.torch.prepare_model if world > 1 else None
-    trainer = Trainer(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(), wrap_model=wrap)
-
-    restored_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        restored_path = restore_intact(trainer, checkpoint)
-        restored_from = trainer.epoch
-        # The epochs the checkpoint holds, re-sent once: any the search did not record before the fault
-        # (a Ctrl-C between checkpoint and result, or a seed that ran ahead of the others) are recorded now.
-        ray.train.report({REPLAY_KEY: replayed_history(trainer.history, restored_path)}, checkpoint=None)
-
-    def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
-        report = {**metrics, "pretrain_time_s": sum(h["epoch_time_s"] for h in t.history),
-                  "restored_from_epoch": restored_from}
-        if rank != 0:
-            ray.train.report(report, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            t.save(Path(tmp) / CHECKPOINT_FILE)
-            t.save_reconstruction(Path(tmp) / "reconstruction.png")
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    trainer.fit(on_epoch_end)
-
-
-def restore_intact(trainer: Trainer, checkpoint: ray.train.Checkpoint) -> str:
-    """Resume from the latest checkpoint, or, when that one is damaged, from the newest intact one Ray
-    Train kept before it (``num_to_keep=2``); returns the path used. Failing over (rather than failing
-    the trial after every retry hits the same file) loses at most the epochs since the older one."""
-    with checkpoint.as_directory() as ckpt_dir:
-        try:
-            trainer.resume(Path(ckpt_dir) / CHECKPOINT_FILE)
-            return checkpoint.path
-        except CheckpointError as exc:
-            first_error = exc
-    latest = Path(checkpoint.path)
-    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
-                   reverse=True)
-    for path in older:
-        try:
-            trainer.resume(path / CHECKPOINT_FILE)
-        except CheckpointError:
-            continue
-        print(f"warning: {first_error}; resumed from the older checkpoint {path} instead", flush=True)
-        return str(path)
-    raise CheckpointError(f"{first_error}; no older intact checkpoint beside it") from None
-
-
-def replayed_history(history: list[dict[str, float]], checkpoint_path: str) -> list[dict[str, Any]]:
-    """A restored trainer's per-epoch metrics as they were reported (the last epoch with its checkpoint)."""
-    out, elapsed = [], 0.0
-    for metrics in history:
-        elapsed += metrics.get("epoch_time_s", 0.0)
-        out.append({**metrics, "pretrain_time_s": elapsed, "checkpoint_path": ""})
-    if out:
-        out[-1]["checkpoint_path"] = checkpoint_path
-    return out
 
 
 # --------------------------------------------------------------------------- reference rows
-
-
-def reference_task(cfg_json: dict[str, Any], kind: str, threads: float) -> dict[str, float]:
-    """One reference row (random-init encoder or raw pixels) for one seed, as a Ray task.
-
-    A plain task, not a Train run: it needs no worker group, so it costs about
-    a second of Ray start-up rather than a trial's.
-    """
-    torch.set_num_threads(max(1, int(threads)))
-    cfg = TrainConfig.model_validate(cfg_json)
-    data = load_data(cfg.data, cfg.model, seed=cfg.seed)
-    return evaluate_reference(kind, cfg.model, data.train, data.test, cfg.eval, resolve_device(cfg.device), cfg.seed)
 
 
 def run_references(space: SearchSpace, search_dir: Path) -> int:
@@ -178,139 +73,6 @@ def run_references(space: SearchSpace, search_dir: Path) -> int:
 # --------------------------------------------------------------------------- trial driver
 
 
-REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs its checkpoint holds
-
-
-class SeedReportCallback(ray.train.UserCallback):
-    """Forwards one seed's Ray Train reports (rank 0's metrics, the checkpoint path) to its trial's driver.
-
-    Ray's ``TuneReportCallback`` does the same for a trial of one Train run; a
-    seed-averaged trial runs several and must hold each epoch until every seed
-    has reported it, so the reports go to a queue the trial's driver reads.
-    """
-
-    def __init__(self, queue: Queue, seed: int) -> None:
-        self.queue, self.seed = queue, seed
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put((self.seed, dict(metrics[0]), checkpoint.path if checkpoint else ""))
-
-
-class TrialError(RuntimeError):
-    """A trial that cannot succeed (its configuration, data or checkpoint is unusable); not retried."""
-
-
-class SeedAverager:
-    """Turns the seeds' per-epoch reports into the trial's results: one per epoch, once every seed has it.
-
-    The result carries the mean over seeds under each metric's own name (what
-    Optuna optimises and ASHA compares at its rungs), ``<metric>_std`` for the
-    registry's metrics, and each seed's own values under ``per_seed``, which
-    the results table and MLflow record. Epochs replayed by a restored seed
-    complete the epochs the others still need; an epoch is reported once per
-    trial run.
-    """
-
-    def __init__(self, seeds: list[int]) -> None:
-        self.seeds = list(seeds)
-        self.pending: dict[int, dict[int, dict[str, Any]]] = {}  # epoch -> seed -> its report
-        self.reported: set[int] = set()
-
-    def add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
-        """One report of one seed; returns the trial results it completes, in epoch order."""
-        if FATAL_KEY in metrics:
-            raise TrialError(f"seed {seed}: {metrics[FATAL_KEY]}")
-        if REPLAY_KEY in metrics:
-            return [out for entry in metrics[REPLAY_KEY]
-                    for out in self._add(seed, {**entry, REPLAYED_KEY: True}, entry.get("checkpoint_path", ""))]
-        return self._add(seed, metrics, checkpoint)
-
-    def _add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
-        epoch = int(metrics["epoch"])
-        if epoch in self.reported:
-            return []
-        self.pending.setdefault(epoch, {})[seed] = {**metrics, "checkpoint_path": checkpoint}
-        ready = []
-        for e in sorted(self.pending):
-            if len(self.pending[e]) < len(self.seeds):
-                break
-            ready.append(self.result(e, self.pending.pop(e)))
-            self.reported.add(e)
-        return ready
-
-    def result(self, epoch: int, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        values = [numbers(entry) for entry in entries.values()]
-        keys = sorted(set.intersection(*(set(v) for v in values)) - {"epoch"})
-        out: dict[str, Any] = {k: statistics.fmean(v[k] for v in values) for k in keys}
-        if len(entries) > 1:
-            out |= {f"{k}_std": statistics.stdev(v[k] for v in values) for k in keys if k in BY_NAME}
-        else:
-            out["checkpoint_path"] = next(iter(entries.values()))["checkpoint_path"]
-        out |= {"epoch": epoch, "seeds": len(entries), PER_SEED_KEY: {str(s): e for s, e in sorted(entries.items())}}
-        return out
-
-
-def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig,
-                 queue: Queue) -> ray.train.torch.TorchTrainer:
-    """The Ray Train run of one seed of a trial. Its name is fixed by (trial, seed), so a restarted
-    trial's run restores from its own checkpoints."""
-    res = space.resources
-    return ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.workers,
-            use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=seed_trial_id(trial_id, cfg.seed, space.seed_averaged),
-            storage_path=str(Path(storage) / space.name / TRAIN_RUNS_DIR),
-            failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[SeedReportCallback(queue, cfg.seed)],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
-
-
-def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel_seeds: int = 1) -> None:
-    """Tune trainable: one trial = one configuration, trained as one (possibly multi-worker) Ray Train
-    run per seed; ``parallel_seeds`` of them run at once (what the cluster holds, see plan_concurrency)."""
-    trial_id = tune.get_context().get_trial_id()
-    params, _ = split_config(config)
-    seeds = space.seeds_of_trial(config)
-    queue = Queue(actor_options={"num_cpus": 0})
-    slots = threading.Semaphore(parallel_seeds)
-    errors: list[BaseException] = []
-
-    def fit(seed: int) -> None:
-        with slots:
-            try:
-                seed_trainer(space, storage, trial_id, space.trial_config(params, seed), queue).fit()
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the trial's thread below
-                errors.append(exc)
-
-    threads = [threading.Thread(target=fit, args=(seed,), daemon=True) for seed in seeds]
-    for thread in threads:
-        thread.start()
-    averager = SeedAverager(seeds)
-    while True:
-        item = next_report(queue)
-        if item is not None:
-            for result in averager.add(*item):
-                tune.report(result)
-        elif errors:  # a seed's run failed for good (past its max_failures): the trial fails with its error
-            raise errors[0]
-        elif not any(t.is_alive() for t in threads) and queue.empty():
-            return
-
-
-def next_report(queue: Queue, timeout_s: float = 0.5) -> tuple[int, dict[str, Any], str] | None:
-    try:
-        return queue.get(timeout=timeout_s)
-    except Empty:
-        return None
 
 
 # --------------------------------------------------------------------------- search driver
@@ -513,10 +275,22 @@ def describe_cluster(prefix: str) -> str:
 
 
 def trainable_for(space: SearchSpace, storage: str, plan: ClusterPlan) -> Any:
-    """The Tune trainable, bound to the space and this cluster's plan (rebuilt on resume, so re-planned)."""
+    """The Tune trainable, bound to the space and this cluster's plan (rebuilt on resume, so re-planned).
+
+    With Ray tasks as runners, the trial reserves its seeds' CPUs and GPUs in its own placement group
+    (the tasks it starts are scheduled into it), so Tune counts them and starts no trial that could
+    not get its workers; a Ray Train run reserves its workers in a placement group of its own.
+    """
+    res = space.resources
+    if res.uses_ray_train:
+        resources: Any = DRIVER_RESOURCES
+    else:
+        seed_bundle = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+        resources = tune.PlacementGroupFactory([{"memory": DRIVER_RESOURCES["memory"]}]
+                                               + [seed_bundle] * plan.parallel_seeds)
     return tune.with_resources(
         tune.with_parameters(run_trial, space=space, storage=storage, parallel_seeds=plan.parallel_seeds),
-        DRIVER_RESOURCES,
+        resources,
     )
 
 

@@ -118,6 +118,21 @@ class Resources(_Strict):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    runner: Literal["auto", "ray_task", "ray_train"] = Field(
+        "auto", description="how a seed trains: ray_task (one process, about 1 s of start-up), ray_train (a Ray "
+                            "Train worker group, DDP; about 17 s of start-up); auto: ray_task for one worker")
+
+    @model_validator(mode="after")
+    def _one_task_is_one_worker(self) -> Resources:
+        if self.runner == "ray_task" and self.workers > 1:
+            raise ValueError(f"runner ray_task trains in one process; workers: {self.workers} (DDP) needs "
+                             f"runner: ray_train or auto")
+        return self
+
+    @property
+    def uses_ray_train(self) -> bool:
+        """Whether seeds run as Ray Train worker groups rather than as single Ray tasks."""
+        return self.runner == "ray_train" or (self.runner == "auto" and self.workers > 1)
 
 
 class SearchSpace(_Strict):

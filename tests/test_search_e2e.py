@@ -40,28 +40,34 @@ def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     assert listed["done"] + listed["stopped"] == 4 and listed["stopped"] >= 1
 
 
-def _train_worker_pids() -> list[int]:
+# The process title of a seed's training process, by runner.
+WORKER_TITLES = {"ray_task": "ray::seed_task", "ray_train": "ray::RayTrainWorker"}
+
+
+def _train_worker_pids(title: str) -> list[int]:
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
+        if cmd.startswith(title):
             pids.append(proc.info["pid"])
     return pids
 
 
-def test_killed_worker_resumes_from_checkpoint(tmp_path):
-    space = micro_space(tmp_path, "fault", """
+@pytest.mark.parametrize("runner", ["ray_task", "ray_train"])
+def test_killed_worker_resumes_from_checkpoint(tmp_path, runner):
+    space = micro_space(tmp_path, "fault", f"""
 dimensions:
-  masking.mask_ratio: {grid: [0.75]}
+  masking.mask_ratio: {{grid: [0.75]}}
 metric: loss
 mode: min
-scheduler: {type: none}
+scheduler: {{type: none}}
 max_failures: 2
+resources: {{runner: {runner}}}
 """, epochs=8, num_train=3000)
-    # Once Tune has epoch 2, the checkpoint of epoch 1 is registered with Ray Train.
+    # Once Tune has epoch 2, the checkpoint of epoch 1 is in the seed's run directory.
     proc, table = start_until(space, tmp_path / "results", "fault", reached_epoch(2))
-    pids = _train_worker_pids()
-    assert pids, "no Ray Train worker process found"
+    pids = _train_worker_pids(WORKER_TITLES[runner])
+    assert pids, f"no {WORKER_TITLES[runner]} process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=400)

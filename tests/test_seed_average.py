@@ -6,8 +6,9 @@ import statistics
 import pytest
 
 from mae_search.config import ConfigError
-from mae_search.ray_search import REPLAY_KEY, PersistentASHA, SeedAverager, param_space, plan_concurrency
+from mae_search.ray_search import PersistentASHA, param_space, plan_concurrency
 from mae_search.record import PER_SEED_KEY, TrialRecord, epoch_records
+from mae_search.trial import REPLAY_KEY, SeedAverager
 from tests.test_search_space import write
 
 OPTUNA = """
@@ -90,7 +91,7 @@ def test_averager_completes_epochs_from_a_restored_seeds_replay():
 
 
 def test_a_fatal_report_fails_the_trial_at_once():
-    from mae_search.ray_search import FATAL_KEY, TrialError
+    from mae_search.trial import FATAL_KEY, TrialError
 
     with pytest.raises(TrialError, match="seed 3: DataError: cifar10: missing file"):
         SeedAverager([3]).add(3, {FATAL_KEY: "DataError: cifar10: missing file"}, "")

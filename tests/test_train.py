@@ -174,10 +174,9 @@ def test_crafted_checkpoint_runs_nothing(tmp_path, micro_cfg):
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, micro_cfg):
-    import ray.train
 
     from mae_search.checkpoint import CHECKPOINT_FILE
-    from mae_search.ray_search import restore_intact
+    from mae_search.seed_run import restore_intact
 
     trainer = Trainer(micro_cfg, device=torch.device("cpu"))
     run_dir = tmp_path / "train_runs" / "trial"
@@ -189,8 +188,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, micro
     (latest / CHECKPOINT_FILE).write_bytes((latest / CHECKPOINT_FILE).read_bytes()[:100])  # a torn write
 
     fresh = Trainer(micro_cfg, device=torch.device("cpu"))
-    assert restore_intact(fresh, ray.train.Checkpoint.from_directory(str(latest))) == str(older)
+    assert restore_intact(fresh, latest) == str(older)
     assert fresh.epoch == 1
     (older / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt.*; no older intact checkpoint beside it"):
-        restore_intact(Trainer(micro_cfg, device=torch.device("cpu")), ray.train.Checkpoint.from_directory(str(latest)))
+        restore_intact(Trainer(micro_cfg, device=torch.device("cpu")), latest)

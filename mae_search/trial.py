@@ -1,0 +1,181 @@
+"""A Tune trial's driver: it trains its configuration once per seed and reports the mean to Tune.
+
+Each seed runs as a Ray task (one process; the default for one worker) or as a
+Ray Train run (a worker group, DDP). The seeds' reports arrive on a queue;
+:class:`SeedAverager` reports an epoch to Tune once every seed has it, so
+Optuna and ASHA see the mean over seeds.
+
+This module does not import torch: it is what every Tune trial's own process
+imports, and torch with the project's model code costs seconds per trial.
+The training code (:mod:`mae_search.seed_run`) is imported in the processes
+that train.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.util.queue import Empty, Queue
+
+from mae_search.config import TrainConfig
+from mae_search.metrics import BY_NAME
+from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
+from mae_search.search_space import SearchSpace
+
+TRAIN_RUNS_DIR = "train_runs"  # one run directory per trial and seed (checkpoints), under the search's
+FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
+REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs its checkpoint holds
+KEEP_CHECKPOINTS = 2  # per seed run: the latest, and the one before it in case the latest is damaged
+
+
+def seed_task(loop_config: dict[str, Any], run_dir: str, queue: Queue) -> None:
+    """A seed's Ray task (``ray_task`` runner): the training code is imported in the task's process."""
+    from mae_search.seed_run import run_seed_task
+
+    run_seed_task(loop_config, run_dir, queue)
+
+
+class TrialError(RuntimeError):
+    """A trial that cannot succeed (its configuration, data or checkpoint is unusable); not retried."""
+
+
+class SeedAverager:
+    """Turns the seeds' per-epoch reports into the trial's results: one per epoch, once every seed has it.
+
+    The result carries the mean over seeds under each metric's own name (what
+    Optuna optimises and ASHA compares at its rungs), ``<metric>_std`` for the
+    registry's metrics, and each seed's own values under ``per_seed``, which
+    the results table and MLflow record. Epochs replayed by a restored seed
+    complete the epochs the others still need; an epoch is reported once per
+    trial run.
+    """
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds = list(seeds)
+        self.pending: dict[int, dict[int, dict[str, Any]]] = {}  # epoch -> seed -> its report
+        self.reported: set[int] = set()
+
+    def add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
+        """One report of one seed; returns the trial results it completes, in epoch order."""
+        if FATAL_KEY in metrics:
+            raise TrialError(f"seed {seed}: {metrics[FATAL_KEY]}")
+        if REPLAY_KEY in metrics:
+            return [out for entry in metrics[REPLAY_KEY]
+                    for out in self._add(seed, {**entry, REPLAYED_KEY: True}, entry.get("checkpoint_path", ""))]
+        return self._add(seed, metrics, checkpoint)
+
+    def _add(self, seed: int, metrics: dict[str, Any], checkpoint: str) -> list[dict[str, Any]]:
+        epoch = int(metrics["epoch"])
+        if epoch in self.reported:
+            return []
+        self.pending.setdefault(epoch, {})[seed] = {**metrics, "checkpoint_path": checkpoint}
+        ready = []
+        for e in sorted(self.pending):
+            if len(self.pending[e]) < len(self.seeds):
+                break
+            ready.append(self.result(e, self.pending.pop(e)))
+            self.reported.add(e)
+        return ready
+
+    def result(self, epoch: int, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        values = [numbers(entry) for entry in entries.values()]
+        keys = sorted(set.intersection(*(set(v) for v in values)) - {"epoch"})
+        out: dict[str, Any] = {k: statistics.fmean(v[k] for v in values) for k in keys}
+        if len(entries) > 1:
+            out |= {f"{k}_std": statistics.stdev(v[k] for v in values) for k in keys if k in BY_NAME}
+        else:
+            out["checkpoint_path"] = next(iter(entries.values()))["checkpoint_path"]
+        out |= {"epoch": epoch, "seeds": len(entries), PER_SEED_KEY: {str(s): e for s, e in sorted(entries.items())}}
+        return out
+
+
+def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig, queue: Queue) -> Any:
+    """The Ray Train run of one seed of a trial. Its name is fixed by (trial, seed), so a restarted
+    trial's run restores from its own checkpoints."""
+    import ray.train.torch  # torch: imported by the trials that train with Ray Train only
+
+    from mae_search.seed_run import SeedReportCallback, train_loop_per_worker
+
+    res = space.resources
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=seed_trial_id(trial_id, cfg.seed, space.seed_averaged),
+            storage_path=str(Path(storage) / space.name / TRAIN_RUNS_DIR),
+            failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=[SeedReportCallback(queue, cfg.seed)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel_seeds: int = 1) -> None:
+    """Tune trainable: one trial = one configuration, trained as one run per seed (a Ray task, or a
+    Ray Train worker group for DDP); ``parallel_seeds`` of them run at once (what the cluster holds,
+    see plan_concurrency)."""
+    trial_id = tune.get_context().get_trial_id()
+    params, _ = split_config(config)
+    seeds = space.seeds_of_trial(config)
+    queue = Queue(actor_options={"num_cpus": 0})
+    slots = threading.Semaphore(parallel_seeds)
+    errors: list[BaseException] = []
+
+    def fit(seed: int) -> None:
+        with slots:
+            try:
+                train_one_seed(space, storage, trial_id, space.trial_config(params, seed), queue)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the trial's thread below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=fit, args=(seed,), daemon=True) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    averager = SeedAverager(seeds)
+    while True:
+        item = next_report(queue)
+        if item is not None:
+            for result in averager.add(*item):
+                tune.report(result)
+        elif errors:  # a seed's run failed for good (past its max_failures): the trial fails with its error
+            raise errors[0]
+        elif not any(t.is_alive() for t in threads) and queue.empty():
+            return
+
+
+def train_one_seed(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig, queue: Queue) -> None:
+    """Train one seed of a trial to the end, its reports going to ``queue``; blocks until it is done.
+
+    The seed's run directory is named by (trial, seed), so a restarted trial's run restores from its
+    own checkpoints, whichever runner trains it.
+    """
+    if space.resources.uses_ray_train:
+        seed_trainer(space, storage, trial_id, cfg, queue).fit()
+        return
+    res = space.resources
+    run_dir = Path(storage) / space.name / TRAIN_RUNS_DIR / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = ray.remote(seed_task).options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+        max_retries=space.max_failures, retry_exceptions=False,  # a lost process is retried, an error is not
+    )
+    ray.get(task.remote({"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
+                        str(run_dir), queue))
+
+
+def next_report(queue: Queue, timeout_s: float = 0.5) -> tuple[int, dict[str, Any], str] | None:
+    try:
+        return queue.get(timeout=timeout_s)
+    except Empty:
+        return None
