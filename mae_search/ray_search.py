@@ -38,8 +38,12 @@ from mae_search.trial import run_trial
 
 # The Tune-side driver of a trial only waits on its seeds' runs. It takes no
 # CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
-# leaves every CPU to the training workers; see plan_concurrency.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 1024 * 1024}
+# leaves every CPU to the training workers (see plan_concurrency), and it runs on
+# the head node, beside the search's driver: losing a worker node then costs the
+# seeds that trained there (Ray retries them from their checkpoints), never a
+# trial's driver and its queue.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+DRIVER_BUNDLE = {"memory": 1024 * 1024, HEAD_NODE_RESOURCE: 0.001}
 
 
 # --------------------------------------------------------------------------- reference rows
@@ -282,12 +286,10 @@ def trainable_for(space: SearchSpace, storage: str, plan: ClusterPlan) -> Any:
     not get its workers; a Ray Train run reserves its workers in a placement group of its own.
     """
     res = space.resources
-    if res.uses_ray_train:
-        resources: Any = DRIVER_RESOURCES
-    else:
-        seed_bundle = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-        resources = tune.PlacementGroupFactory([{"memory": DRIVER_RESOURCES["memory"]}]
-                                               + [seed_bundle] * plan.parallel_seeds)
+    bundles = [DRIVER_BUNDLE]
+    if not res.uses_ray_train:
+        bundles += [{"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}] * plan.parallel_seeds
+    resources = tune.PlacementGroupFactory(bundles)
     return tune.with_resources(
         tune.with_parameters(run_trial, space=space, storage=storage, parallel_seeds=plan.parallel_seeds),
         resources,

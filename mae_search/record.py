@@ -60,7 +60,7 @@ def status_after(last_epoch: int, max_epochs: int) -> Status:
 
 # Results-table columns that are not metrics (besides the param.<key> columns).
 ROW_FIELDS = frozenset({"search", "trial_id", "tune_trial_id", "status", "error", "seed", "epoch", "config_json",
-                        "reference", "trial_time_s", "checkpoint_path"})
+                        "reference", "trial_time_s", "checkpoint_path", "node_id"})
 # Keys Tune adds to every result (and the epoch, which is the step, not a metric).
 TUNE_KEYS = frozenset({
     "config", "trial_id", "training_iteration", "done", "date", "hostname", "node_ip", "pid", "time_this_iter_s",
@@ -69,6 +69,7 @@ TUNE_KEYS = frozenset({
 })
 PER_SEED_KEY = "per_seed"  # a trial's Tune result: {seed: that seed's metrics} beside the mean over seeds
 REPLAYED_KEY = "replayed"  # a per-seed entry re-sent after a restore (the consumers may already hold it)
+NODE_KEY = "node_id"  # a seed's report: the Ray node it trained on
 
 
 def present(value: Any) -> bool:
@@ -105,6 +106,7 @@ class TrialRecord:
     reference: str = ""  # random_init | raw_pixels for reference rows
     trial_time_s: float | None = None
     tune_trial_id: str = ""  # the Tune trial (one configuration); several seeds share it when seed-averaged
+    node_id: str = ""  # the Ray node that trained this epoch (rank 0's); empty for epochs replayed after a restore
 
     @classmethod
     def for_trial(cls, space: Any, trial_id: str, config: dict[str, Any]) -> list[TrialRecord]:
@@ -124,8 +126,9 @@ class TrialRecord:
         return (searched or "base") + (f" seed={self.seed}" if with_seed else "")
 
     def at_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: str = "",
-                 trial_time_s: float | None = None) -> TrialRecord:
-        return replace(self, epoch=epoch, metrics=metrics, checkpoint=checkpoint, trial_time_s=trial_time_s)
+                 trial_time_s: float | None = None, node_id: str = "") -> TrialRecord:
+        return replace(self, epoch=epoch, metrics=metrics, checkpoint=checkpoint, trial_time_s=trial_time_s,
+                       node_id=node_id)
 
     def ended(self, status: Status, error: str = "") -> TrialRecord:
         return replace(self, status=status, error=error)
@@ -151,6 +154,8 @@ class TrialRecord:
             row["trial_time_s"] = self.trial_time_s
         if self.checkpoint or self.status != Status.REFERENCE:
             row["checkpoint_path"] = self.checkpoint
+        if self.node_id:
+            row["node_id"] = self.node_id
         return row
 
     @classmethod
@@ -165,7 +170,7 @@ class TrialRecord:
                    metrics=metrics, status=Status(row["status"]), error=text(row.get("error")),
                    checkpoint=text(row.get("checkpoint_path")), reference=text(row.get("reference")),
                    trial_time_s=float(time_s) if present(time_s) else None,
-                   tune_trial_id=text(row.get("tune_trial_id")))
+                   tune_trial_id=text(row.get("tune_trial_id")), node_id=text(row.get("node_id")))
 
 
 def numbers(values: dict[str, Any]) -> dict[str, float]:
@@ -189,6 +194,7 @@ def epoch_records(starts: list[TrialRecord], result: dict[str, Any]) -> list[tup
         if entry is None:
             continue
         metrics = {k: v for k, v in numbers(entry).items() if k not in TUNE_KEYS}
-        out.append((start.at_epoch(epoch, metrics, entry.get("checkpoint_path") or "", time_s),
-                    bool(entry.get(REPLAYED_KEY))))
+        replayed = bool(entry.get(REPLAYED_KEY))
+        node = "" if replayed else text(entry.get(NODE_KEY))
+        out.append((start.at_epoch(epoch, metrics, entry.get("checkpoint_path") or "", time_s, node), replayed))
     return out

@@ -8,7 +8,7 @@ appends to what is there. This table is the input of the report generator.
 Columns: search, trial_id, status (running | completed | stopped_early |
 failed | reference), error, seed, epoch, ``param.<dotted key>`` for each
 searched dimension, every reported metric, reference (random_init |
-raw_pixels on reference rows), trial_time_s, checkpoint_path, config_json.
+raw_pixels on reference rows), trial_time_s, checkpoint_path, node_id, config_json.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from mae_search.checkpoint import CHECKPOINT_FILE, CheckpointError
 from mae_search.config import ConfigError, TrainConfig
 from mae_search.data import DataError, load_data
 from mae_search.evaluate import evaluate_reference
+from mae_search.record import NODE_KEY
 from mae_search.train import Trainer, resolve_device
 from mae_search.trial import FATAL_KEY, KEEP_CHECKPOINTS, REPLAY_KEY
 
@@ -130,6 +131,7 @@ def train_seed(loop_config: dict[str, Any], session: Session) -> None:
     trainer = Trainer(cfg, rank=rank, world_size=session.world_size, device=session.device,
                       wrap_model=session.wrap_model)
 
+    node_id = ray.get_runtime_context().get_node_id()
     restored_from = 0
     latest = session.latest_checkpoint()
     if latest is not None:
@@ -141,7 +143,7 @@ def train_seed(loop_config: dict[str, Any], session: Session) -> None:
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], t: Trainer) -> None:
         report = {**metrics, "pretrain_time_s": sum(h["epoch_time_s"] for h in t.history),
-                  "restored_from_epoch": restored_from}
+                  "restored_from_epoch": restored_from, NODE_KEY: node_id}
         if rank != 0:
             session.report(report)
             return

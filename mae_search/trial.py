@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mae_search.config import TrainConfig
 from mae_search.metrics import BY_NAME
@@ -128,7 +129,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel
     trial_id = tune.get_context().get_trial_id()
     params, _ = split_config(config)
     seeds = space.seeds_of_trial(config)
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options=driver_side())
     slots = threading.Semaphore(parallel_seeds)
     errors: list[BaseException] = []
 
@@ -172,6 +173,16 @@ def train_one_seed(space: SearchSpace, storage: str, trial_id: str, cfg: TrainCo
     )
     ray.get(task.remote({"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
                         str(run_dir), queue))
+
+
+def driver_side() -> dict[str, Any]:
+    """Actor options that keep an actor beside the trial's driver (its placement group's first bundle, on
+    the head node), not on a worker node whose loss would take it down with the seed training there."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return {"num_cpus": 0}
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    return {"num_cpus": 0, "scheduling_strategy": strategy}
 
 
 def next_report(queue: Queue, timeout_s: float = 0.5) -> tuple[int, dict[str, Any], str] | None:
