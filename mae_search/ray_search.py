@@ -224,10 +224,12 @@ class ClusterPlan:
 def plan_concurrency(space: SearchSpace, cluster: dict[str, float]) -> ClusterPlan:
     """Cap concurrent trials by what the cluster can actually hold.
 
-    Each trial's Ray Train workers reserve ``workers x (cpus, gpus)`` in their
-    own placement group; the Tune-side driver of a trial takes no CPU. Letting
-    Tune start more trials than fit makes the extra worker groups wait until
-    Train's start-up timeout, which on a 2-core laptop looks like a hang.
+    Each seed reserves ``workers x (cpus, gpus)``: in the trial's placement
+    group when it trains as a Ray task, in a placement group of its own when it
+    trains as a Ray Train run; the Tune-side driver of a trial takes no CPU.
+    Letting Tune start more trials than fit makes the extra Train worker groups
+    wait until Train's start-up timeout, which on a 2-core laptop looks like a
+    hang.
     """
     res = space.resources
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
