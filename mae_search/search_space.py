@@ -119,8 +119,8 @@ class Resources(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     runner: Literal["auto", "ray_task", "ray_train"] = Field(
-        "auto", description="how a seed trains: ray_task (one process, about 1 s of start-up), ray_train (a Ray "
-                            "Train worker group, DDP; about 17 s of start-up); auto: ray_task for one worker")
+        "auto", description="how a seed trains: ray_task (one process, no start-up beyond Tune's own), ray_train "
+                            "(a Ray Train worker group, DDP; about 9 s more per trial); auto: ray_task for one worker")
 
     @model_validator(mode="after")
     def _one_task_is_one_worker(self) -> Resources:
