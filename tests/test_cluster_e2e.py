@@ -1,5 +1,6 @@
 """Real clusters on one machine: a search submitted as a Ray job (README's command), and two nodes."""
 
+import os
 import re
 import socket
 import subprocess
@@ -37,8 +38,12 @@ def test_search_submitted_as_a_ray_job_with_readmes_command(tmp_path):
     import mlflow
 
     port, dashboard = free_port(), free_port()
+    # The head runs in the project's environment (activated, as on a cluster node), so a job's `python` has
+    # the dependencies; the job brings only the code.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     started = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                              "--num-cpus=2", "--include-dashboard=true"], capture_output=True, text=True, timeout=180)
+                              "--num-cpus=2", "--include-dashboard=true"], capture_output=True, text=True,
+                             timeout=180, env=env)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         space = micro_space(tmp_path, "job", "dimensions:\n  masking.mask_ratio: {grid: [0.6, 0.75]}\n"
@@ -51,7 +56,6 @@ def test_search_submitted_as_a_ray_job_with_readmes_command(tmp_path):
                                    "data.num_test=64"}.items():
             assert placeholder in command, placeholder
             command = command.replace(placeholder, value)
-        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home())}
         job = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
         df = read_results(storage / "job")
