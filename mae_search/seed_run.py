@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ class TrainSession:
 
 
 class TaskSession:
-    """A seed trained by one Ray task: no Train controller or worker group to start (about 1 s of
-    start-up instead of 17 s), the same checkpoint layout under the seed's run directory, and reports
+    """A seed trained by one Ray task: no Train controller or worker group to start (a trial then costs
+    about an empty Tune trial's start-up, 1.4 s here, against 10.6 s with one; benchmarks/RESULTS.md),
+    the same checkpoint layout under the seed's run directory, and reports
     sent straight to the trial's queue. Ray retries the task when its process dies
     (``max_retries``), and the retry restores from the latest checkpoint, as Ray Train would."""
 
@@ -103,30 +105,29 @@ Session = TrainSession | TaskSession
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (``ray_train`` runner)."""
-    run_guarded(loop_config, TrainSession)
+    run_guarded(loop_config, lambda cfg: TrainSession())
 
 
 def run_seed_task(loop_config: dict[str, Any], run_dir: str, queue: Queue) -> None:
     """Body of a seed's Ray task (``ray_task`` runner)."""
-    cfg = TrainConfig.model_validate(loop_config["train_config"])
-    run_guarded(loop_config, lambda: TaskSession(cfg, Path(run_dir), queue, cfg.seed))
+    run_guarded(loop_config, lambda cfg: TaskSession(cfg, Path(run_dir), queue, cfg.seed))
 
 
-def run_guarded(loop_config: dict[str, Any], make_session: Any) -> None:
+def run_guarded(loop_config: dict[str, Any], make_session: Callable[[TrainConfig], Session]) -> None:
     """Train one seed; a configuration, data or checkpoint error would fail the same way on every retry,
     so instead of raising (which Ray retries up to max_failures times) it is reported as one line and
     the trial's driver fails the trial with it at once."""
-    session = make_session()
+    cfg = TrainConfig.model_validate(loop_config["train_config"])
+    session = make_session(cfg)
     try:
-        train_seed(loop_config, session)
+        train_seed(cfg, int(loop_config.get("threads", 1)), session)
     except (ConfigError, DataError, CheckpointError) as exc:
         session.report({FATAL_KEY: f"{type(exc).__name__}: {exc}"})
 
 
-def train_seed(loop_config: dict[str, Any], session: Session) -> None:
+def train_seed(cfg: TrainConfig, threads: int, session: Session) -> None:
     """Train one seed's configuration to its last epoch, from its latest intact checkpoint if any."""
-    cfg = TrainConfig.model_validate(loop_config["train_config"])
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    torch.set_num_threads(max(1, threads))
     rank = session.rank
     trainer = Trainer(cfg, rank=rank, world_size=session.world_size, device=session.device,
                       wrap_model=session.wrap_model)
@@ -185,7 +186,6 @@ def replayed_history(history: list[dict[str, float]], checkpoint_path: str) -> l
     if out:
         out[-1]["checkpoint_path"] = checkpoint_path
     return out
-
 
 
 def reference_task(cfg_json: dict[str, Any], kind: str, threads: float) -> dict[str, float]:

@@ -105,7 +105,7 @@ def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConf
     res = space.resources
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
+        train_loop_config=loop_config(space, cfg),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -113,7 +113,7 @@ def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConf
         ),
         run_config=ray.train.RunConfig(
             name=seed_trial_id(trial_id, cfg.seed, space.seed_averaged),
-            storage_path=str(Path(storage) / space.name / TRAIN_RUNS_DIR),
+            storage_path=str(train_runs_dir(space, storage)),
             failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=[SeedReportCallback(queue, cfg.seed)],
@@ -165,14 +165,23 @@ def train_one_seed(space: SearchSpace, storage: str, trial_id: str, cfg: TrainCo
         seed_trainer(space, storage, trial_id, cfg, queue).fit()
         return
     res = space.resources
-    run_dir = Path(storage) / space.name / TRAIN_RUNS_DIR / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
+    run_dir = train_runs_dir(space, storage) / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = ray.remote(seed_task).options(
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
         max_retries=space.max_failures, retry_exceptions=False,  # a lost process is retried, an error is not
     )
-    ray.get(task.remote({"train_config": cfg.model_dump(mode="json"), "threads": res.cpus_per_worker},
-                        str(run_dir), queue))
+    ray.get(task.remote(loop_config(space, cfg), str(run_dir), queue))
+
+
+def train_runs_dir(space: SearchSpace, storage: str) -> Path:
+    """Where the seeds' run directories (their checkpoints) live, whichever runner trains them."""
+    return Path(storage) / space.name / TRAIN_RUNS_DIR
+
+
+def loop_config(space: SearchSpace, cfg: TrainConfig) -> dict[str, Any]:
+    """What a seed's training process gets: its resolved configuration and its thread count."""
+    return {"train_config": cfg.model_dump(mode="json"), "threads": space.resources.cpus_per_worker}
 
 
 def driver_side() -> dict[str, Any]:
