@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mae_search.config import TrainConfig
+from mae_search.storage import Location
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -33,9 +34,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
-    """Read a checkpoint and check it fits ``cfg``'s model; raise CheckpointError otherwise."""
-    path = Path(path)
+def load_checkpoint(path: str | Path | Location, cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Read a checkpoint (a local path or an object-store URI, the file or its directory) and check it
+    fits ``cfg``'s model; raise CheckpointError otherwise."""
+    path = Location.of(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
@@ -43,7 +45,8 @@ def load_checkpoint(path: str | Path, cfg: TrainConfig | None = None) -> dict[st
     try:
         # weights_only: the state holds only tensors and plain data, so nothing in the file can run code
         # (checkpoints come from shared storage, and --resume takes any path).
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        source = path.local_path if path.is_local else path.open_input()
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
         raise CheckpointError(f"{path}: corrupt, unreadable or unsafe checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:

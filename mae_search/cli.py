@@ -105,7 +105,8 @@ def search(
     space_file: Annotated[Path, typer.Argument(help="search_spaces/<name>.yaml; default: embedded quickstart")] = (
         DEFAULT_SEARCH
     ),
-    storage: Annotated[Path, typer.Option(help="results root (local dir or shared filesystem)")] = Path("results"),
+    storage: Annotated[str, typer.Option(
+        help="results root: a local dir, a shared filesystem, or an object store (s3://bucket/prefix)")] = "results",
     address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
     resume: Annotated[bool, typer.Option(help="resume an interrupted search; finished trials are not rerun")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
@@ -123,6 +124,7 @@ def search(
     from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
     from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
+    from mae_search.storage import Location, local_dir, restore_sqlite_copies
     from mae_search.tracking import (
         MLflowSearchCallback,
         check_tracking,
@@ -135,11 +137,13 @@ def search(
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         if address is None:  # on a cluster the path need only exist on the workers' nodes
             check_local_data(space.base.data)
-        search_dir = storage.expanduser().resolve() / space.name
+        store = Location.of(storage)
+        search_dir = store / space.name
         max_epochs = space.scheduler.max_epochs or space.base.epochs
-        uri = resolve_tracking_uri(tracking_uri, storage) if mlflow else None
-        if uri and uri == default_tracking_uri(storage):
-            storage.mkdir(parents=True, exist_ok=True)  # the embedded store lives in the storage directory
+        restore_sqlite_copies(store, space.name)  # a search resumed on another machine: before they are opened
+        uri = resolve_tracking_uri(tracking_uri, store) if mlflow else None
+        if uri and uri == default_tracking_uri(store):
+            local_dir(store).mkdir(parents=True, exist_ok=True)  # where the embedded store lives
         if uri:
             check_tracking(uri)
             console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
@@ -152,15 +156,15 @@ def search(
             f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
             f"results in {search_dir}"
         )
-        check_search_dir(space, storage, resume)  # before Ray starts
+        check_search_dir(space, store, resume)  # before Ray starts
         if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
             plan_concurrency(space, local_resources(num_cpus))
-        ray_log = log_ray_to(search_dir)
+        ray_log = log_ray_to(local_dir(store) / space.name)
         console.print(init_ray(address, num_cpus))
         console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
                       "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
         try:
-            _, wall_s = run_search(space, storage, address=address, resume=resume, callbacks=callbacks,
+            _, wall_s = run_search(space, store, address=address, resume=resume, callbacks=callbacks,
                                    num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
         finally:
             stop_progress()
@@ -195,7 +199,7 @@ def search(
 
 @app.command("list")
 def list_searches(
-    storage: Annotated[Path, typer.Option(help="results root")] = Path("results"),
+    storage: Annotated[str, typer.Option(help="results root (a local dir or s3://bucket/prefix)")] = "results",
     format_: Annotated[str, typer.Option("--format", help="table, csv, markdown or json")] = "table",
     wide: Annotated[bool, typer.Option(help="one line per search however wide the terminal")] = False,
 ) -> None:
@@ -205,10 +209,14 @@ def list_searches(
 
     from mae_search.metrics import metric as registered
     from mae_search.results import SPACE_FILE, search_summary
+    from mae_search.storage import Location, StorageError
 
     if format_ not in ("table", "csv", "markdown", "json"):
         _fail(f"--format {format_}: expected table, csv, markdown or json")
-    dirs = sorted(p.parent for p in storage.glob(f"*/{SPACE_FILE}"))
+    try:
+        dirs = [p.parent for p in Location.of(storage).glob(f"*/{SPACE_FILE}")]
+    except (StorageError, OSError) as exc:
+        _fail(f"--storage {storage}: {str(exc).splitlines()[0]}")
     if not dirs:
         _fail(f"no searches under {storage}")
     rows, unreadable = [], []
@@ -249,15 +257,19 @@ def list_searches(
 
 @app.command()
 def report(
-    sources: Annotated[list[Path] | None, typer.Argument(help="search directories (results.parquet + space)")] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory; default reports/<search>")] = None,
+    sources: Annotated[list[str] | None, typer.Argument(
+        help="search directories (results.parquet + space): local, or s3://bucket/prefix/<search>")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory (local or s3://...); default reports/<search>")
+                   ] = None,
     mlflow_experiment: Annotated[str | None, typer.Option("--mlflow", help="read an MLflow experiment instead")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow store for --mlflow")] = None,
 ) -> None:
     """Regenerate ablation tables and plots (Markdown, HTML, CSV) from recorded results."""
     import os
+    import tempfile
 
     from mae_search.report import ReportError, load_from_dir, load_from_mlflow, write_report
+    from mae_search.storage import Location, is_uri
 
     try:
         if mlflow_experiment:
@@ -269,20 +281,26 @@ def report(
             records = [load_from_dir(s) for s in sources]
         else:
             raise ReportError("give a search directory (e.g. results/quickstart) or --mlflow EXPERIMENT")
-    except ValueError as exc:
-        _fail(str(exc))
-    target = out or Path("reports") / records[0].space.name
-    command = f"mae-search report {target / 'data'} --out {target}"
+    except (ValueError, OSError) as exc:
+        _fail(str(exc).splitlines()[0])
+    target = out or str(Path("reports") / records[0].space.name)
+    command = f"mae-search report {target.rstrip('/')}/data --out {target}"
     if len(records) > 1 or mlflow_experiment:
         command = "mae-search report " + (f"--mlflow {mlflow_experiment} --tracking-uri <uri>" if mlflow_experiment
                                           else " ".join(map(str, sources))) + f" --out {target}"
-    readme = write_report(records, target, command)
-    console.print(f"report: {readme} (+ report.html, tables/*.csv, plots)")
+    if not is_uri(target):
+        readme = write_report(records, target, command)
+        console.print(f"report: {readme} (+ report.html, tables/*.csv, plots)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # written here, then uploaded beside the search
+        write_report(records, tmp, command)
+        Location.of(target).upload_dir(Path(tmp))
+    console.print(f"report: {target}/README.md (+ report.html, tables/*.csv, plots)", highlight=False)
 
 
 @app.command()
 def ui(
-    storage: Annotated[Path, typer.Option(help="results root whose embedded MLflow store to browse")] = Path("results"),
+    storage: Annotated[str, typer.Option(help="results root whose embedded MLflow store to browse")] = "results",
     tracking_uri: Annotated[str | None, typer.Option(help="another MLflow store instead")] = None,
     host: Annotated[str, typer.Option(help="interface to listen on (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,

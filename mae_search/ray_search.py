@@ -10,7 +10,10 @@ ASHA can stop the trial between epochs.
 Layout under ``<storage>/<search name>/``: Tune's experiment state, one
 ``train_runs/<trial id>/`` per trial and seed (checkpoints; a lost worker
 restarts from there, and a resumed search's unfinished trial too, because the
-directory is named by trial and seed), and ``results.parquet``.
+directory is named by trial and seed), and ``results.parquet``. The storage
+is a local directory or an object store (:mod:`mae_search.storage`); the Optuna
+study, a SQLite file, lives in the storage's local mirror and is copied beside
+the rest after every trial.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from mae_search.evaluate import REFERENCE_KINDS
 from mae_search.results import RESULTS_FILE, SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
 from mae_search.seed_run import reference_task
+from mae_search.storage import OPTUNA_DB, Location, local_dir, restore_sqlite_copies, save_sqlite_copies
 from mae_search.trial import run_trial
 
 # The Tune-side driver of a trial only waits on its seeds' runs. It takes no
@@ -49,7 +53,7 @@ DRIVER_BUNDLE = {"memory": 1024 * 1024, HEAD_NODE_RESOURCE: 0.001}
 # --------------------------------------------------------------------------- reference rows
 
 
-def run_references(space: SearchSpace, search_dir: Path) -> int:
+def run_references(space: SearchSpace, search_dir: Location) -> int:
     """Evaluate the reference rows the results table lacks (every seed x kind), concurrently; returns how many.
 
     They run before the trials, with one trial-worker's resources each, and are
@@ -102,12 +106,42 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
-OPTUNA_FILE = "optuna.db"  # the persisted Optuna study, beside the results table
+OPTUNA_FILE = OPTUNA_DB  # the persisted Optuna study, beside the results table
 
 
-def optuna_storage_url(search_dir: str | Path) -> str:
+def optuna_file(search_dir: str | Path | Location) -> Path:
+    """The Optuna study's SQLite file: in the search directory, or in its local mirror for an object store."""
+    search_dir = Location.of(search_dir)
+    return local_dir(search_dir.parent) / search_dir.name / OPTUNA_FILE
+
+
+def optuna_storage_url(search_dir: str | Path | Location) -> str:
     """Where a search's Optuna study lives: open it with ``optuna-dashboard URL`` or ``optuna.load_study``."""
-    return f"sqlite:///{Path(search_dir).expanduser().resolve() / OPTUNA_FILE}"
+    return f"sqlite:///{optuna_file(search_dir)}"
+
+
+class SQLiteCopies(tune.Callback):
+    """With an object store as storage, copies the SQLite files (Optuna study, embedded MLflow store)
+    there after every trial and at the end, so a search resumed on another machine continues them
+    (:func:`mae_search.storage.save_sqlite_copies`). Runs after the tracking callback, which has
+    flushed its MLflow calls by the end of the search."""
+
+    def __init__(self, storage: Location, search: str) -> None:
+        self.storage, self.search = storage, search
+
+    def _copy(self) -> None:
+        save_sqlite_copies(self.storage, self.search)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._copy()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._copy()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._copy()
+
+
 
 
 def make_sampler(space: SearchSpace) -> Any:
@@ -125,7 +159,7 @@ def make_sampler(space: SearchSpace) -> Any:
     return samplers[space.sampler]()
 
 
-def make_searcher(space: SearchSpace, search_dir: str | Path) -> Any:
+def make_searcher(space: SearchSpace, search_dir: str | Path | Location) -> Any:
     """OptunaSearch with the file's sampler (multi-objective when several objectives are given).
 
     The study is persisted in ``<search dir>/optuna.db`` under the search's name
@@ -139,7 +173,7 @@ def make_searcher(space: SearchSpace, search_dir: str | Path) -> Any:
     from optuna.storages import RDBStorage
     from ray.tune.search.optuna import OptunaSearch
 
-    Path(search_dir).mkdir(parents=True, exist_ok=True)
+    optuna_file(search_dir).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study/trial on the terminal
     common = dict(sampler=make_sampler(space), points_to_evaluate=space.initial_points or None,
                   study_name=space.name, storage=RDBStorage(optuna_storage_url(search_dir)))
@@ -164,13 +198,13 @@ class PersistentASHA(ASHAScheduler):
     which restarts at 1 for a trial restored from its Train checkpoint.
     """
 
-    def __init__(self, state_file: str | Path, **kwargs: Any) -> None:
+    def __init__(self, state_file: str | Path | Location, **kwargs: Any) -> None:
         super().__init__(time_attr="epoch", **kwargs)
-        self.state_file = str(state_file)
+        self.state_file = Location.of(state_file)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         ok = super().set_search_properties(metric, mode, **spec)
-        path = Path(self.state_file)
+        path = self.state_file
         if path.is_file():
             state = json.loads(path.read_text())
             for bracket, rungs in zip(self._brackets, state["brackets"], strict=True):
@@ -185,9 +219,7 @@ class PersistentASHA(ASHAScheduler):
     def _save(self) -> None:
         state = {"brackets": [[[m, r] for m, r in b._rungs] for b in self._brackets],
                  "num_stopped": self._num_stopped}
-        tmp = Path(self.state_file + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_file)
+        self.state_file.write_text(json.dumps(state))  # replaced whole
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -199,12 +231,12 @@ class PersistentASHA(ASHAScheduler):
         self._save()
 
 
-def make_scheduler(space: SearchSpace, epochs: int, search_dir: str | Path) -> Any:
+def make_scheduler(space: SearchSpace, epochs: int, search_dir: str | Path | Location) -> Any:
     if space.scheduler.type == "none":
         return None
     s = space.scheduler
     return PersistentASHA(  # metric/mode come from TuneConfig
-        Path(search_dir) / ASHA_FILE,
+        Location.of(search_dir) / ASHA_FILE,
         max_t=s.max_epochs or epochs,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
@@ -280,7 +312,7 @@ def describe_cluster(prefix: str) -> str:
     return f"{prefix} ({nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
 
 
-def trainable_for(space: SearchSpace, storage: str, plan: ClusterPlan) -> Any:
+def trainable_for(space: SearchSpace, storage: Location, plan: ClusterPlan) -> Any:
     """The Tune trainable, bound to the space and this cluster's plan (rebuilt on resume, so re-planned).
 
     With Ray tasks as runners, the trial reserves its seeds' CPUs and GPUs in its own placement group
@@ -298,7 +330,7 @@ def trainable_for(space: SearchSpace, storage: str, plan: ClusterPlan) -> Any:
     )
 
 
-def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], plan: ClusterPlan) -> tune.Tuner:
+def build_tuner(space: SearchSpace, storage: Location, callbacks: list[Any], plan: ClusterPlan) -> tune.Tuner:
     trainable = trainable_for(space, storage, plan)
     base = space.base
     single = len(space.objectives) == 1
@@ -308,16 +340,16 @@ def build_tuner(space: SearchSpace, storage: str, callbacks: list[Any], plan: Cl
         tune_config=tune.TuneConfig(
             metric=space.primary.metric if single else None,
             mode=space.primary.mode if single else None,
-            search_alg=make_searcher(space, Path(storage) / space.name),
-            scheduler=make_scheduler(space, base.epochs, Path(storage) / space.name),
+            search_alg=make_searcher(space, storage / space.name),
+            scheduler=make_scheduler(space, base.epochs, storage / space.name),
             num_samples=space.num_samples,
             max_concurrent_trials=plan.concurrency,
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=space.name,
-            storage_path=storage,
-            callbacks=callbacks,
+            storage_path=str(storage),  # a path or a URI, which Ray resolves as storage.Location does
+            callbacks=[*callbacks, SQLiteCopies(storage, space.name)],
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,  # the project's own view (progress.py) replaces Tune's reporter and result dumps
         ),
@@ -338,7 +370,7 @@ def first_difference(recorded: Any, given: Any, prefix: str = "") -> str | None:
     return None if recorded == given else f"{prefix[:-1]} (recorded {recorded!r}, now {given!r})"
 
 
-def check_tune_state(space: SearchSpace, exp_dir: Path) -> None:
+def check_tune_state(space: SearchSpace, exp_dir: Location) -> None:
     """Refuse to resume from a damaged Tune experiment state: Tune would start a new, empty experiment
     (trials without their config) and report success. The results table is untouched either way."""
     states = sorted(exp_dir.glob("experiment_state-*.json"))
@@ -357,10 +389,10 @@ def check_tune_state(space: SearchSpace, exp_dir: Path) -> None:
                               f"name or --storage) to run the rest")
 
 
-def check_search_dir(space: SearchSpace, storage: str | Path, resume: bool) -> None:
+def check_search_dir(space: SearchSpace, storage: str | Path | Location, resume: bool) -> None:
     """What the search directory alone decides, checked before Ray starts: a new search must not
     overwrite a recorded one; a resumed one must have an intact record matching this configuration."""
-    exp_dir = Path(storage).expanduser().resolve() / space.name
+    exp_dir = Location.of(storage) / space.name
     if not resume:
         if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(
@@ -373,7 +405,7 @@ def check_search_dir(space: SearchSpace, storage: str | Path, resume: bool) -> N
     check_resumable(space, exp_dir)
 
 
-def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan | None = None) -> str | None:
+def check_resumable(space: SearchSpace, exp_dir: Location, plan: ClusterPlan | None = None) -> str | None:
     """--resume continues exactly the recorded search: refuse, in one line, anything that would mix
     configurations (a changed file or --set) or, given the cluster's plan, hang it (a cluster too
     small for its concurrent trials). Returns a line for the user when the cluster could hold more
@@ -405,7 +437,7 @@ def check_resumable(space: SearchSpace, exp_dir: Path, plan: ClusterPlan | None 
 
 def run_search(
     space: SearchSpace,
-    storage: str | Path,
+    storage: str | Path | Location,
     *,
     address: str | None = None,
     resume: bool = False,
@@ -414,8 +446,8 @@ def run_search(
     notify: Any = print,
 ) -> tuple[tune.ResultGrid, float]:
     """Run (or resume) a search to completion; returns Tune's ResultGrid and the wall time in seconds."""
-    storage = str(Path(storage).expanduser().resolve())
-    exp_dir = Path(storage) / space.name
+    storage = Location.of(storage)
+    exp_dir = storage / space.name
     # Epochs without an evaluation report no probe metric. Tune would reject those results; ASHA, which
     # reads the metric every epoch, is refused by validation unless eval.every_epochs is 1.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -423,6 +455,7 @@ def run_search(
     # one at verbose=0 prints nothing, leaving the terminal to the project's view (progress.py).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     check_search_dir(space, storage, resume)
+    restore_sqlite_copies(storage, space.name)  # the CLI has done it before opening MLflow's store
     init_ray(address, num_cpus)
     plan = plan_concurrency(space, ray.cluster_resources())
     started = time.time()
@@ -433,8 +466,8 @@ def run_search(
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable_for(space, storage, plan), resume_errored=True)
     else:
         tuner = build_tuner(space, storage, callbacks or [], plan)
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / ASHA_FILE).unlink(missing_ok=True)  # rungs of an earlier attempt that never started Tune
+        exp_dir.mkdir()
+        (exp_dir / ASHA_FILE).unlink()  # rungs of an earlier attempt that never started Tune
         (exp_dir / SPACE_FILE).write_text(space.model_dump_json(indent=2))  # the record --resume checks against
         (exp_dir / PLAN_FILE).write_text(json.dumps({"concurrency": plan.concurrency}))
     run_references(space, exp_dir)

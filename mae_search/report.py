@@ -52,6 +52,7 @@ from mae_search.results import (
     reference_rows,
 )
 from mae_search.search_space import SearchSpace
+from mae_search.storage import Location
 
 GRID_FILE = "best_reconstruction.png"
 
@@ -76,10 +77,11 @@ class SearchRecord:
     grid_png: bytes | None = None
 
 
-def load_from_dir(path: str | Path) -> SearchRecord:
-    """A search directory (results.parquet + search_space.json), or a report's data/ archive."""
-    path = Path(path)
-    table_file = path / RESULTS_FILE if path.is_dir() else path
+def load_from_dir(path: str | Path | Location) -> SearchRecord:
+    """A search directory (results.parquet + search_space.json), or a report's data/ archive; a local
+    path or an object-store URI."""
+    path = Location.of(path)
+    table_file = path / RESULTS_FILE if path.is_dir() or not path.name.endswith(".parquet") else path
     space_file = table_file.parent / SPACE_FILE
     if not table_file.is_file():
         raise ReportError(f"unknown search: no results table at {table_file}")
@@ -111,7 +113,7 @@ def _best_grid_from_checkpoint(table: pd.DataFrame, space: SearchSpace) -> bytes
     best = best_row(completed_final(table), space.primary.metric, space.primary.mode)
     if best is None or "checkpoint_path" not in best or not best["checkpoint_path"]:
         return None
-    png = Path(best["checkpoint_path"]) / "reconstruction.png"
+    png = Location.of(best["checkpoint_path"]) / GRID_FILE
     return png.read_bytes() if png.is_file() else None
 
 

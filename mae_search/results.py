@@ -13,7 +13,6 @@ raw_pixels on reference rows), trial_time_s, checkpoint_path, node_id, config_js
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from ray.tune import Callback
 
 from mae_search.record import RESULTS_FILE, SPACE_FILE, TUNE_KEYS, Status, TrialRecord, epoch_records, status_after
 from mae_search.search_space import SearchSpace
+from mae_search.storage import Location
 
 # Kept as names for the modules that compare table columns with them.
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_STOPPED, STATUS_FAILED, STATUS_REFERENCE = (
@@ -32,17 +32,17 @@ def reported_metrics(result: dict[str, Any]) -> dict[str, int | float]:
             if k not in TUNE_KEYS and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path | Location) -> pd.DataFrame:
     """A Parquet table read in one go: the file's bytes first, so a table replaced while it is read (the
     results callback rewrites it after every epoch, the tracking thread reads it) is never seen half old."""
-    return pd.read_parquet(io.BytesIO(path.read_bytes()))
+    return pd.read_parquet(Location.of(path).open_input())
 
 
-def read_results(path: str | Path, with_references: bool = False) -> pd.DataFrame:
-    """Load a results table (a file, or a search directory holding one): the trials' rows, and the
-    reference rows too when asked."""
-    path = Path(path)
-    if path.is_dir():
+def read_results(path: str | Path | Location, with_references: bool = False) -> pd.DataFrame:
+    """Load a results table (a file, or a search directory holding one; local or in an object store):
+    the trials' rows, and the reference rows too when asked."""
+    path = Location.of(path)
+    if path.is_dir() or not path.name.endswith(".parquet"):
         path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
@@ -52,10 +52,9 @@ def read_results(path: str | Path, with_references: bool = False) -> pd.DataFram
     return df[df["status"] != STATUS_REFERENCE].reset_index(drop=True)
 
 
-def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+def write_atomic(df: pd.DataFrame, path: Location) -> None:
+    """Replace the table whole (a reader never sees half of it)."""
+    path.write_bytes(df.to_parquet(index=False))
 
 
 def trial_error(trial: Any, limit: int) -> str:
@@ -100,9 +99,9 @@ def reference_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == STATUS_REFERENCE].reset_index(drop=True)
 
 
-def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...]) -> list[tuple[int, str]]:
+def missing_references(search_dir: Location, seeds: list[int], kinds: tuple[str, ...]) -> list[tuple[int, str]]:
     """(seed, kind) pairs the search's table has no reference row for yet."""
-    path = Path(search_dir) / RESULTS_FILE
+    path = Location.of(search_dir) / RESULTS_FILE
     have = set()
     if path.is_file():
         refs = reference_rows(read_results(path, with_references=True))
@@ -110,9 +109,9 @@ def missing_references(search_dir: Path, seeds: list[int], kinds: tuple[str, ...
     return [(seed, kind) for seed in seeds for kind in kinds if (seed, kind) not in have]
 
 
-def record_references(search_dir: Path, search: str, rows: list[tuple[str, Any, dict[str, float]]]) -> None:
+def record_references(search_dir: Location, search: str, rows: list[tuple[str, Any, dict[str, float]]]) -> None:
     """Append reference rows (kind, TrainConfig with the seed, metrics) to the search's table (atomic replace)."""
-    path = Path(search_dir) / RESULTS_FILE
+    path = Location.of(search_dir) / RESULTS_FILE
     new = pd.DataFrame.from_records([TrialRecord.reference_row(search, kind, cfg, metrics).to_row()
                                      for kind, cfg, metrics in rows])
     old = read_table(path) if path.is_file() else None
@@ -129,8 +128,8 @@ def best_row(final: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
 class ResultsTableCallback(Callback):
     """Turns every trial's per-epoch results into TrialRecords and keeps the Parquet table current."""
 
-    def __init__(self, search_dir: str | Path, search_name: str, max_epochs: int, space: Any) -> None:
-        self.path = Path(search_dir) / RESULTS_FILE
+    def __init__(self, search_dir: str | Path | Location, search_name: str, max_epochs: int, space: Any) -> None:
+        self.path = Location.of(search_dir) / RESULTS_FILE
         self.search = search_name
         self.max_epochs = max_epochs
         self.space = space
@@ -138,7 +137,7 @@ class ResultsTableCallback(Callback):
         self.started: dict[str, list[TrialRecord]] = {}  # Tune trial id -> its seeds' records before any epoch
 
     def setup(self, **info: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir()
         if self.path.is_file():  # reference rows, and a resumed search's earlier trials
             for row in read_table(self.path).to_dict("records"):
                 record = TrialRecord.from_row(row)
@@ -194,7 +193,7 @@ class ResultsTableCallback(Callback):
             write_atomic(df, self.path)
 
 
-def search_summary(search_dir: Path) -> dict[str, Any]:
+def search_summary(search_dir: Location) -> dict[str, Any]:
     """Name, planned trials, trial counts by status and best final metric of a search directory (for
     ``mae-search list``); a search that has not reported yet has zero counts. Counted per configuration."""
     space = SearchSpace.model_validate_json((search_dir / SPACE_FILE).read_text())

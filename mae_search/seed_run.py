@@ -13,7 +13,6 @@ workers' processes, so a Tune trial's own process starts in a second.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from mae_search.config import ConfigError, TrainConfig
 from mae_search.data import DataError, load_data
 from mae_search.evaluate import evaluate_reference
 from mae_search.record import NODE_KEY
+from mae_search.storage import Location
 from mae_search.train import Trainer, resolve_device
 from mae_search.trial import FATAL_KEY, KEEP_CHECKPOINTS, REPLAY_KEY
 
@@ -46,7 +46,8 @@ class SeedReportCallback(ray.train.UserCallback):
         self.queue, self.seed = queue, seed
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put((self.seed, dict(metrics[0]), checkpoint.path if checkpoint else ""))
+        path = str(Location.in_filesystem(checkpoint.filesystem, checkpoint.path)) if checkpoint else ""
+        self.queue.put((self.seed, dict(metrics[0]), path))
 
 
 class TrainSession:
@@ -59,9 +60,9 @@ class TrainSession:
         self.device = ray.train.torch.get_device()
         self.wrap_model = ray.train.torch.prepare_model if self.world_size > 1 else None
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> Location | None:
         checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.path) if checkpoint else None
+        return Location.in_filesystem(checkpoint.filesystem, checkpoint.path) if checkpoint else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -77,25 +78,23 @@ class TaskSession:
 
     rank, world_size, wrap_model = 0, 1, None
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, queue: Queue, seed: int) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Location, queue: Queue, seed: int) -> None:
         self.device = resolve_device(cfg.device)  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
         self.run_dir, self.queue, self.seed = run_dir, queue, seed
 
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.run_dir.glob("checkpoint_*"))
+    def latest_checkpoint(self) -> Location | None:
+        found = self.run_dir.glob("checkpoint_*")  # sorted; a local checkpoint being written is hidden (.name)
         return found[-1] if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         path = ""
         if checkpoint_dir is not None:
             final = self.run_dir / f"checkpoint_{int(metrics['epoch']):06d}"
-            staging = self.run_dir / f".{final.name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, staging)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)  # a directory appears whole or not at all
-            for old in sorted(self.run_dir.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+            # Whole or not at all locally; in an object store the checkpoint file comes last, so a
+            # directory without it is seen as damaged and restore_intact takes the one before.
+            final.upload_dir(checkpoint_dir, last=CHECKPOINT_FILE)
+            for old in self.run_dir.glob("checkpoint_*")[:-KEEP_CHECKPOINTS]:
+                old.rmtree()
             path = str(final)
         self.queue.put((self.seed, dict(metrics), path))
 
@@ -108,9 +107,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_guarded(loop_config, lambda cfg: TrainSession())
 
 
-def run_seed_task(loop_config: dict[str, Any], run_dir: str, queue: Queue) -> None:
+def run_seed_task(loop_config: dict[str, Any], run_dir: Location, queue: Queue) -> None:
     """Body of a seed's Ray task (``ray_task`` runner)."""
-    run_guarded(loop_config, lambda cfg: TaskSession(cfg, Path(run_dir), queue, cfg.seed))
+    run_guarded(loop_config, lambda cfg: TaskSession(cfg, run_dir, queue, cfg.seed))
 
 
 def run_guarded(loop_config: dict[str, Any], make_session: Callable[[TrainConfig], Session]) -> None:
@@ -156,7 +155,7 @@ def train_seed(cfg: TrainConfig, threads: int, session: Session) -> None:
     trainer.fit(on_epoch_end)
 
 
-def restore_intact(trainer: Trainer, latest: Path) -> str:
+def restore_intact(trainer: Trainer, latest: Location) -> str:
     """Resume from the latest checkpoint, or, when that one is damaged, from the newest intact one kept
     before it (``KEEP_CHECKPOINTS``); returns the path used. Failing over (rather than failing the trial
     after every retry hits the same file) loses at most the epochs since the older one."""
@@ -166,7 +165,7 @@ def restore_intact(trainer: Trainer, latest: Path) -> str:
     except CheckpointError as exc:
         first_error = exc
     older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
-                   reverse=True)
+                   reverse=True)  # Ray Train's checkpoints and the task runner's share the name pattern
     for path in older:
         try:
             trainer.resume(path / CHECKPOINT_FILE)

@@ -57,6 +57,7 @@ from mae_search.record import (
     status_after,
 )
 from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
+from mae_search.storage import MLFLOW_DB, Location, local_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,13 @@ class TrackingError(ValueError):
     """MLflow cannot be used as configured; one line naming the URI."""
 
 
-def default_tracking_uri(storage: str | Path) -> str:
-    """The embedded store: a SQLite file beside the search results (no server needed)."""
-    return f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+def default_tracking_uri(storage: str | Path | Location) -> str:
+    """The embedded store: a SQLite file beside the search results (no server needed), or in the local
+    mirror of an object store (SQLite needs a local disk; its artifacts still go to the object store)."""
+    return f"sqlite:///{local_dir(Location.of(storage)) / MLFLOW_DB}"
 
 
-def resolve_tracking_uri(cli_uri: str | None, storage: str | Path) -> str:
+def resolve_tracking_uri(cli_uri: str | None, storage: str | Path | Location) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store under ``storage``."""
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
 
@@ -180,11 +182,11 @@ class MLflowSearchCallback(Callback):
     the same runs.
     """
 
-    def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path, space_file: str | Path,
-                 max_epochs: int, grid_epochs: int = 3) -> None:
+    def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path | Location,
+                 space_file: str | Path, max_epochs: int, grid_epochs: int = 3) -> None:
         self.uri = tracking_uri
         self.space = space
-        self.search_dir = Path(search_dir)
+        self.search_dir = Location.of(search_dir)
         self.space_file = str(space_file)
         self.max_epochs = max_epochs
         # Grids at the first, middle and last epoch (plus the final one of a stopped trial).
@@ -257,7 +259,7 @@ class MLflowSearchCallback(Callback):
         self.disabled = not self.uri
         if self.disabled:
             return
-        self.search_dir.mkdir(parents=True, exist_ok=True)
+        self.search_dir.mkdir()
         self._safe("setup", self._setup_parent)
 
     def _experiment_id(self) -> str:
@@ -266,8 +268,10 @@ class MLflowSearchCallback(Callback):
         if exp is not None:
             return exp.experiment_id
         location = None
-        if self.uri.startswith("sqlite:///"):  # embedded store: artifacts beside the database
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        if self.uri.startswith("sqlite:///"):  # embedded store: artifacts in the search's storage
+            storage = self.search_dir.parent
+            location = (str(storage / "mlartifacts" / name) if not storage.is_local else
+                        (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri())
         # Tagged as model training, so the MLflow UI opens on its runs table rather than the GenAI views.
         tags = {"mlflow.experimentKind": "custom_model_development"}
         if self.space.description:
@@ -391,12 +395,12 @@ class MLflowSearchCallback(Callback):
         metrics = [Metric(mlflow_key(k), float(v), now, epoch) for k, v in values.items()]
         self.client.log_batch(run_id, metrics=metrics)
         ckpt = record.checkpoint
-        if ckpt and epoch in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
-            self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
+        if ckpt and epoch in self.grid_epochs and (Location.of(ckpt) / GRID_FILE).is_file():
+            self._log_grid(run_id, Location.of(ckpt) / GRID_FILE, epoch)
         if epoch >= self.last_ckpt.get(record.trial_id, (0, None))[0]:
             self.last_ckpt[record.trial_id] = (epoch, ckpt or None)
 
-    def _log_grid(self, run_id: str, grid: Path, epoch: int) -> None:
+    def _log_grid(self, run_id: str, grid: Location, epoch: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             named = Path(tmp) / f"epoch_{epoch:03d}.png"
             named.write_bytes(grid.read_bytes())
@@ -425,8 +429,8 @@ class MLflowSearchCallback(Callback):
         if status == Status.STOPPED:
             self.client.set_tag(run_id, "mae_search.stopped_by", "ASHA")
             self.client.set_tag(run_id, "mae_search.stopped_at_epoch", str(epoch))
-        if ckpt and epoch not in self.grid_epochs and (Path(ckpt) / GRID_FILE).is_file():
-            self._log_grid(run_id, Path(ckpt) / GRID_FILE, epoch)
+        if ckpt and epoch not in self.grid_epochs and (Location.of(ckpt) / GRID_FILE).is_file():
+            self._log_grid(run_id, Location.of(ckpt) / GRID_FILE, epoch)
         # Stopped early by ASHA is a normal end (its status tag says so); only an error is FAILED.
         self.client.set_terminated(run_id, "FINISHED")
 
@@ -452,7 +456,8 @@ class MLflowSearchCallback(Callback):
         finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
         table = self.search_dir / RESULTS_FILE
         if table.is_file():
-            self.client.log_artifact(self.parent_id, str(table))
+            with table.as_local_file() as local:
+                self.client.log_artifact(self.parent_id, str(local))
             best = best_row(final_rows(read_results(table)), self.space.primary.metric, self.space.primary.mode)
             if best is not None:
                 self._log_best(best)
@@ -473,9 +478,9 @@ class MLflowSearchCallback(Callback):
         from mae_search.checkpoint import CHECKPOINT_FILE, load_checkpoint
         from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
 
-        if not ckpt or not (Path(ckpt) / CHECKPOINT_FILE).is_file():
+        if not ckpt or not (Location.of(ckpt) / CHECKPOINT_FILE).is_file():
             return
-        state = load_checkpoint(Path(ckpt) / CHECKPOINT_FILE)
+        state = load_checkpoint(Location.of(ckpt) / CHECKPOINT_FILE)
         cfg = TrainConfig.model_validate(state["config"])
         model = MaskedAutoencoderViT(cfg.model)
         model.load_state_dict(state["model"])

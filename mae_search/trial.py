@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,6 +26,7 @@ from mae_search.config import TrainConfig
 from mae_search.metrics import BY_NAME
 from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
 from mae_search.search_space import SearchSpace
+from mae_search.storage import Location
 
 TRAIN_RUNS_DIR = "train_runs"  # one run directory per trial and seed (checkpoints), under the search's
 FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
@@ -34,7 +34,7 @@ REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs 
 KEEP_CHECKPOINTS = 2  # per seed run: the latest, and the one before it in case the latest is damaged
 
 
-def seed_task(loop_config: dict[str, Any], run_dir: str, queue: Queue) -> None:
+def seed_task(loop_config: dict[str, Any], run_dir: Location, queue: Queue) -> None:
     """A seed's Ray task (``ray_task`` runner): the training code is imported in the task's process."""
     from mae_search.seed_run import run_seed_task
 
@@ -95,7 +95,7 @@ class SeedAverager:
         return out
 
 
-def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig, queue: Queue) -> Any:
+def seed_trainer(space: SearchSpace, storage: Location, trial_id: str, cfg: TrainConfig, queue: Queue) -> Any:
     """The Ray Train run of one seed of a trial. Its name is fixed by (trial, seed), so a restarted
     trial's run restores from its own checkpoints."""
     import ray.train.torch  # torch: imported by the trials that train with Ray Train only
@@ -122,7 +122,7 @@ def seed_trainer(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConf
     )
 
 
-def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel_seeds: int = 1) -> None:
+def run_trial(config: dict[str, Any], space: SearchSpace, storage: Location, parallel_seeds: int = 1) -> None:
     """Tune trainable: one trial = one configuration, trained as one run per seed (a Ray task, or a
     Ray Train worker group for DDP); ``parallel_seeds`` of them run at once (what the cluster holds,
     see plan_concurrency)."""
@@ -155,7 +155,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, storage: str, parallel
             return
 
 
-def train_one_seed(space: SearchSpace, storage: str, trial_id: str, cfg: TrainConfig, queue: Queue) -> None:
+def train_one_seed(space: SearchSpace, storage: Location, trial_id: str, cfg: TrainConfig, queue: Queue) -> None:
     """Train one seed of a trial to the end, its reports going to ``queue``; blocks until it is done.
 
     The seed's run directory is named by (trial, seed), so a restarted trial's run restores from its
@@ -166,17 +166,17 @@ def train_one_seed(space: SearchSpace, storage: str, trial_id: str, cfg: TrainCo
         return
     res = space.resources
     run_dir = train_runs_dir(space, storage) / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
     task = ray.remote(seed_task).options(
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
         max_retries=space.max_failures, retry_exceptions=False,  # a lost process is retried, an error is not
     )
-    ray.get(task.remote(loop_config(space, cfg), str(run_dir), queue))
+    ray.get(task.remote(loop_config(space, cfg), run_dir, queue))
 
 
-def train_runs_dir(space: SearchSpace, storage: str) -> Path:
+def train_runs_dir(space: SearchSpace, storage: Location) -> Location:
     """Where the seeds' run directories (their checkpoints) live, whichever runner trains them."""
-    return Path(storage) / space.name / TRAIN_RUNS_DIR
+    return storage / space.name / TRAIN_RUNS_DIR
 
 
 def loop_config(space: SearchSpace, cfg: TrainConfig) -> dict[str, Any]:
