@@ -124,7 +124,7 @@ def search(
     from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
     from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
     from mae_search.search_space import load_search_space
-    from mae_search.storage import Location, local_dir, restore_sqlite_copies
+    from mae_search.storage import Location, check_writable, local_dir, restore_sqlite_copies
     from mae_search.tracking import (
         MLflowSearchCallback,
         check_tracking,
@@ -138,6 +138,7 @@ def search(
         if address is None:  # on a cluster the path need only exist on the workers' nodes
             check_local_data(space.base.data)
         store = Location.of(storage)
+        check_writable(store)
         search_dir = store / space.name
         max_epochs = space.scheduler.max_epochs or space.base.epochs
         restore_sqlite_copies(store, space.name)  # a search resumed on another machine: before they are opened

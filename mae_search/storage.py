@@ -222,6 +222,20 @@ class Location:
             yield local
 
 
+def check_writable(storage: Location) -> None:
+    """Fail in one line, before Ray starts, when an object store cannot be written (no such bucket, no
+    credentials, an endpoint that does not answer), rather than with Ray's traceback minutes later."""
+    if storage.is_local:
+        return
+    probe = storage / ".mae-search-write-check"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise StorageError(f"storage {storage} cannot be written: {reason}") from None
+
+
 def local_dir(storage: Location) -> Path:
     """Where the files that need a local disk (SQLite: the Optuna study, the embedded MLflow store, and
     the driver's log) live: the storage itself when it is local, else a mirror under the user's cache

@@ -290,3 +290,12 @@ resources: {runner: ray_train}
     assert df["restored_from_epoch"].iloc[-1] >= 1, "the restarted worker did not resume from a checkpoint"
     assert df["checkpoint_path"].str.startswith(f"{storage}/s3train/train_runs/").all()
     assert any(k.endswith("/checkpoint.pt") for k in keys(s3, "train/s3train/train_runs/"))
+
+
+def test_a_store_that_cannot_be_written_is_one_line_before_ray_starts(s3, tmp_path):
+    space = micro_space(tmp_path, "nobucket", SAMPLED)
+    proc = cli("search", str(space), "--storage", "s3://no-such-bucket/x", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: storage s3://no-such-bucket/x cannot be written: ")
+    assert "no-such-bucket" in lines[-1] and "Traceback" not in proc.stderr and "Ray:" not in proc.stdout
