@@ -300,6 +300,63 @@ def report(
 
 
 @app.command()
+def prepare(
+    source: Annotated[Path, typer.Argument(help="ImageFolder tree (train/, val/), STL-10 or CIFAR-10 directory")],
+    out: Annotated[str, typer.Argument(help="where the prepared set goes (local, shared, or s3://bucket/prefix)")],
+    dataset: Annotated[str | None, typer.Option(help="imagefolder, stl10 or cifar10; default: from the layout")
+                       ] = None,
+    resolution: Annotated[int | None, typer.Option(
+        min=8, help="square side in pixels; default 224 for ImageFolder, the native size for STL-10/CIFAR-10")] = None,
+    quality: Annotated[int, typer.Option(min=50, max=100, help="JPEG quality of the stored images")] = 90,
+    shard_size: Annotated[int, typer.Option(min=1, help="images per shard (one Ray task each)")] = 1000,
+    address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
+) -> None:
+    """Convert a data set once into Parquet shards + manifest.json, in parallel Ray tasks; a rerun keeps
+    the shards that are complete and verified and makes the rest."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mae_search.data import DataError
+    from mae_search.prepare import NATIVE_RESOLUTION, PrepareSettings, detect_kind, plan_shards
+    from mae_search.prepare import prepare as prepare_set
+    from mae_search.ray_search import init_ray
+    from mae_search.storage import Location, check_writable
+
+    try:
+        root = source.expanduser().resolve()
+        if not root.is_dir():
+            raise DataError(f"prepare: source {root} does not exist or is not a directory")
+        if dataset not in (None, "imagefolder", "stl10", "cifar10"):
+            raise DataError(f"prepare: --dataset {dataset}: expected imagefolder, stl10 or cifar10")
+        kind = dataset or detect_kind(root)
+        settings = PrepareSettings(kind, str(root), resolution or NATIVE_RESOLUTION[kind], quality)
+        target = Location.of(out)
+        check_writable(target)
+        classes, plans = plan_shards(settings, shard_size)
+    except ValueError as exc:
+        _fail(str(exc))
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.split] = counts.get(plan.split, 0) + (len(plan.items) or plan.stop - plan.start)
+    console.print(f"prepare {kind} {root} -> {target}: {settings.resolution} px, "
+                  + ", ".join(f"{split} {n}" for split, n in counts.items())
+                  + f" images in {len(plans)} shards", highlight=False)
+    console.print(init_ray(address, num_cpus), highlight=False)
+    columns = (TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("shards", total=len(plans))
+        summary = prepare_set(settings, target, classes, plans, lambda done, total: bar.update(task, completed=done))
+    console.print(f"prepared {summary.images} images in {summary.shards} shards ({summary.reused} kept from an "
+                  f"earlier run, {summary.shards - summary.reused} made); manifest: {summary.manifest}",
+                  highlight=False)
+    if summary.skipped:
+        console.print(f"[yellow]{len(summary.skipped)} unreadable image(s) skipped[/] (listed in the manifest):",
+                      highlight=False)
+        for item in summary.skipped[:10]:
+            console.print(f"  {item['path']}: {item['error']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def ui(
     storage: Annotated[str, typer.Option(help="results root whose embedded MLflow store to browse")] = "results",
     tracking_uri: Annotated[str | None, typer.Option(help="another MLflow store instead")] = None,
