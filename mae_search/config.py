@@ -177,8 +177,9 @@ class OptimConfig(_Strict):
 class DataConfig(_Strict):
     """Where images come from. ``synthetic_shapes`` is generated, so it needs no path."""
 
-    dataset: Literal["synthetic_shapes", "cifar10", "stl10", "imagefolder"] = "synthetic_shapes"
-    path: str | None = None
+    dataset: Literal["synthetic_shapes", "cifar10", "stl10", "imagefolder", "prepared"] = "synthetic_shapes"
+    path: str | None = Field(None, description="the data set's directory; for 'prepared', its manifest (or the "
+                             "directory `mae-search prepare` wrote)")
     num_train: int = Field(8000, ge=16, description="synthetic_shapes only")
     num_test: int = Field(1000, ge=16, description="synthetic_shapes only")
     num_labelled: int | None = Field(
@@ -186,6 +187,12 @@ class DataConfig(_Strict):
     )
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
+    eval_images: int = Field(10_000, ge=16, description="prepared only: labelled images of each of train and "
+                             "val/test decoded into memory for probe, k-NN and fine-tuning (the first ones)")
+    decode_workers: int = Field(2, ge=0, description="prepared only: decode processes per training worker "
+                                "(0: decode on the training thread)")
+    shuffle_shards: int = Field(4, ge=1, description="prepared only: shards each decode process holds and "
+                                "shuffles together (the prefetch budget: memory is this x shard size)")
 
     @model_validator(mode="after")
     def _check_path(self) -> DataConfig:

@@ -14,12 +14,16 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mae_search.config import DataConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from mae_search.stream import PreparedSet
 
 SHAPE_CLASSES = (
     "disk", "square", "ring", "triangle", "plus", "stripes", "diamond", "x-cross", "two-dots", "frame",
@@ -47,9 +51,10 @@ class ImageSet:
 
 @dataclass
 class DataSplits:
-    """``pretrain`` feeds MAE; ``train``/``test`` are the labelled splits for probing and k-NN."""
+    """``pretrain`` feeds MAE (in memory, or streamed from a prepared set); ``train``/``test`` are the
+    labelled splits for probing, k-NN and fine-tuning."""
 
-    pretrain: ImageSet
+    pretrain: ImageSet | PreparedSet
     train: ImageSet
     test: ImageSet
 
@@ -121,6 +126,11 @@ def check_local_data(cfg: DataConfig) -> None:
     """Before a local search starts Ray: the data set is there and readable, so a typo or a damaged file
     fails in seconds with one line naming it, not in every trial after Ray started."""
     if cfg.dataset == "synthetic_shapes":
+        return
+    if cfg.dataset == "prepared":
+        from mae_search.prepare import read_manifest
+
+        read_manifest(cfg.path)
         return
     root = _require_dir(cfg.path, f"data.path ({cfg.dataset})")
     if cfg.dataset == "cifar10":
@@ -298,6 +308,12 @@ def _load_splits(cfg: DataConfig, size: int, seed: int) -> DataSplits:
     if cfg.dataset == "stl10":
         unlabeled, train, test = (_resize(s, size) for s in load_stl10(cfg.path))
         return DataSplits(unlabeled, train, test)
+    if cfg.dataset == "prepared":
+        from mae_search.stream import load_prepared
+
+        pretrain, train, test = load_prepared(cfg.path, size, cfg.eval_images, cfg.decode_workers,
+                                              cfg.shuffle_shards)
+        return DataSplits(pretrain, train, test)
     train, test = load_imagefolder(cfg.path, size)
     return DataSplits(train, train, test)
 

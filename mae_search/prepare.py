@@ -298,6 +298,12 @@ def prepare(settings: PrepareSettings, out: Location, classes: list[str], plans:
         receipts[plan.stem] = ray.get(done[0])
         if on_shard:
             on_shard(len(receipts), len(plans))
+    return write_manifest(settings, out, classes, plans, receipts)
+
+
+def write_manifest(settings: PrepareSettings, out: Location, classes: list[str], plans: list[ShardPlan],
+                   receipts: dict[str, Receipt]) -> PrepareSummary:
+    """The manifest of a set whose every planned shard has its receipt (by the plan's stem)."""
     splits: dict[str, Any] = {}
     for plan in plans:
         r = receipts[plan.stem]

@@ -9,7 +9,7 @@ and a distributed trial execute.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from mae_search.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.config import TrainConfig
-from mae_search.data import DataSplits, crop_flip, draw_crop_flip, epoch_batches, load_data, normalize
+from mae_search.data import DataSplits, ImageSet, crop_flip, draw_crop_flip, epoch_batches, load_data, normalize
 from mae_search.evaluate import evaluate, finetune_metrics, reconstruct, save_reconstruction_grid
 from mae_search.losses import mae_loss
 from mae_search.masking import scheduled_mask_ratio
@@ -144,19 +144,29 @@ class Trainer:
         return torch.stack([terms.total.detach(), terms.mse.detach(),
                             nan if terms.freq is None else terms.freq, nan if terms.unif is None else terms.unif])
 
-    def epoch_inputs(self, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's (image indices, crop/flip uniforms) per step of the epoch, already on the device.
+    def epoch_inputs(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (uint8 images, crop/flip uniforms) per step of the epoch, on the device.
 
-        Both are drawn on the CPU from ``gen`` and copied in one transfer each:
-        a host-to-device copy inside the step would make the host wait for the
-        device every step instead of queueing the next step's work.
+        In memory, the image indices and the uniforms are drawn on the CPU from
+        ``gen`` and copied in one transfer each: a host-to-device copy inside the
+        step would make the host wait for the device every step instead of
+        queueing the next step's work. A prepared set streams its batches from
+        decode workers (:mod:`mae_search.stream`), pinned and copied without
+        blocking.
         """
         cfg = self.cfg
-        batches = epoch_batches(len(self.data.pretrain), cfg.batch_size, gen, self.rank, self.world_size)
-        order = torch.cat(batches[: self.steps_per_epoch * cfg.optim.accum_iter])
-        uniforms = draw_crop_flip(len(order), gen)
-        return list(zip(order.to(self.device).split(cfg.batch_size), uniforms.to(self.device).split(cfg.batch_size),
-                        strict=True))
+        steps = self.steps_per_epoch * cfg.optim.accum_iter
+        pretrain = self.data.pretrain
+        if isinstance(pretrain, ImageSet):
+            batches = epoch_batches(len(pretrain), cfg.batch_size, gen, self.rank, self.world_size)
+            order = torch.cat(batches[:steps])
+            uniforms = draw_crop_flip(len(order), gen)
+            pairs = zip(order.to(self.device).split(cfg.batch_size), uniforms.to(self.device).split(cfg.batch_size),
+                        strict=True)
+            return ((pretrain.images[idx], u) for idx, u in pairs)
+        uniforms = draw_crop_flip(steps * cfg.batch_size, gen).to(self.device).split(cfg.batch_size)
+        loader = pretrain.batches(cfg.batch_size, steps, cfg.seed, self.epoch, self.rank, self.world_size)
+        return ((images.to(self.device, non_blocking=True), u) for images, u in zip(loader, uniforms, strict=True))
 
     def train_one_epoch(self) -> dict[str, float]:
         cfg = self.cfg
@@ -164,32 +174,33 @@ class Trainer:
         torch.manual_seed(cfg.seed * 100_003 + self.epoch * 1_009 + self.rank)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
         batches = self.epoch_inputs(gen)
+        steps = self.steps_per_epoch * cfg.optim.accum_iter
         total_steps = cfg.epochs * self.steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         per_step = []
         ratio_sum = 0.0
         start = time.perf_counter()
-        for i, (idx, uniforms) in enumerate(batches):
-            ratio = self.mask_ratio_at(self.epoch + i / len(batches))
+        for i, (images_u8, uniforms) in enumerate(batches):
+            ratio = self.mask_ratio_at(self.epoch + i / steps)
             ratio_sum += ratio
             if i % cfg.optim.accum_iter == 0:
                 lr = lr_at(self.step, self.base_lr, warmup, total_steps, cfg.optim.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            imgs = crop_flip(normalize(self.data.pretrain.images[idx]), uniforms, cfg.data.crop_scale, cfg.data.hflip)
+            imgs = crop_flip(normalize(images_u8), uniforms, cfg.data.crop_scale, cfg.data.hflip)
             update = (i + 1) % cfg.optim.accum_iter == 0
             if update:
-                self.step_log.append({"step": self.step, "epoch": self.epoch + i / len(batches),
+                self.step_log.append({"step": self.step, "epoch": self.epoch + i / steps,
                                       "mask_ratio": ratio, "lr": self.optimizer.param_groups[0]["lr"]})
             per_step.append(self.train_step(imgs, ratio, measure=i % MEASURE_EVERY == 0, update=update))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         total, mse, freq, unif = torch.stack(per_step).nanmean(dim=0).tolist()
-        images = len(batches) * cfg.batch_size * self.world_size
+        images = steps * cfg.batch_size * self.world_size
         return {
             "loss": total, "mse": mse, "freq_loss": freq, "unif_loss": unif,
-            "mask_ratio": ratio_sum / len(batches),
+            "mask_ratio": ratio_sum / steps,
             "mask_ratio_end": self.mask_ratio_at(self.epoch + 1),
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed, "throughput_img_s": images / elapsed,

@@ -64,3 +64,15 @@ def test_gpu_benchmark_path_runs_with_a_small_model_on_cpu():
     assert 0 < ours < symmetric  # the encoder on all tokens costs more FLOPs per image
     assert all(float(cells[0]) > 0 for cells in rows.values())
     assert "asymmetric vs symmetric encoder" in text
+
+
+def test_prepared_data_benchmark_measures_both_input_paths(tmp_path):
+    from benchmarks.prepared_data import decode_throughput, input_bound, prepare_in_process, write_folder
+
+    folder = write_folder(tmp_path / "folder", 128, val=20)
+    assert len(list((folder / "train").rglob("*.jpg"))) == 128
+    prepared = prepare_in_process(folder, tmp_path / "prepared", 32, shard_size=50)
+    assert len(list((prepared / "train").glob("shard-*.parquet"))) == 3
+    assert decode_throughput(prepared, 32, steps=2) > 0
+    in_memory_s, streamed_s = input_bound(folder, prepared, 32)
+    assert in_memory_s > 0 and streamed_s > 0

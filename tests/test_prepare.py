@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mae_search.data import DataError
@@ -17,8 +18,9 @@ from mae_search.prepare import (
     read_manifest,
     read_shard,
 )
+from mae_search.results import read_results
 from mae_search.storage import Location
-from tests.conftest import cli
+from tests.conftest import cli, micro_space
 
 CLASSES = ("ants", "bees", "wasps")
 
@@ -133,3 +135,89 @@ def test_prepare_command_runs_in_ray_tasks_and_resumes(folder, tmp_path):
     second = cli(*args).stdout
     assert "prepared 78 images in 7 shards (6 kept from an earlier run, 1 made)" in second, second
     assert json.loads((out / MANIFEST).read_text()) == recorded
+
+    # A 2-trial search trains and evaluates on it, streaming through decode workers inside the Ray tasks.
+    space = micro_space(tmp_path, "streamed", "dimensions:\n  masking.mask_ratio: {grid: [0.6, 0.75]}\n"
+                                              "metric: linear_probe_acc\nmode: max\nscheduler: {type: none}\n",
+                        epochs=2)
+    cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2", "--no-mlflow",
+        "--set", "data.dataset=prepared", "--set", f"data.path={out / MANIFEST}", "--set", "data.decode_workers=1",
+        "--set", "batch_size=8")
+    df = read_results(tmp_path / "results" / "streamed")
+    assert sorted(df.groupby("trial_id")["epoch"].apply(tuple)) == [(1, 2), (1, 2)]
+    assert (df["status"] == "completed").all() and df[df["epoch"] == 2]["linear_probe_acc"].between(0, 1).all()
+    config = json.loads(df["config_json"].iloc[0])["data"]
+    assert config["dataset"] == "prepared" and config["path"] == str(out / MANIFEST)
+
+
+# --------------------------------------------------------------------------- streaming it back
+
+
+def prepared_set(folder: Path, out: Path, resolution: int = 16, shard_size: int = 8) -> Path:
+    """A prepared set made shard by shard in this process (the command does the same in Ray tasks)."""
+    from mae_search.prepare import write_manifest
+
+    settings = settings_for(folder, resolution)
+    classes, plans = plan_shards(settings, shard_size)
+    target = Location.of(out)
+    receipts = {p.stem: prepare_shard(settings, p, target) for p in plans}
+    write_manifest(settings, target, classes, plans, receipts)
+    return out
+
+
+def batches_of(manifest, steps, seed=0, epoch=0, rank=0, world_size=1, workers=0, batch_size=4):
+    from mae_search.stream import PreparedSet
+
+    stream = PreparedSet(manifest, decode_workers=workers, shuffle_shards=2)
+    return [b.clone() for b in stream.batches(batch_size, steps, seed, epoch, rank, world_size)]
+
+
+def fingerprints(batches) -> list[bytes]:
+    return [image.numpy().tobytes() for batch in batches for image in batch]
+
+
+def test_stream_yields_the_epochs_steps_reproducibly_from_disjoint_shards(folder, tmp_path):
+    manifest = read_manifest(prepared_set(folder, tmp_path / "prepared"))
+    one = batches_of(manifest, steps=5)
+    assert len(one) == 5 and all(b.shape == (4, 3, 16, 16) and b.dtype == torch.uint8 for b in one)
+    assert fingerprints(one) == fingerprints(batches_of(manifest, steps=5)), "same (seed, epoch), other batches"
+    assert fingerprints(one) != fingerprints(batches_of(manifest, steps=5, epoch=1)), "reshuffled each epoch"
+    # Decode workers change who decodes, not how many batches an epoch has.
+    assert len(batches_of(manifest, steps=5, workers=2)) == 5
+    # Two ranks read disjoint shards (8 shards of up to 8 images: 3 steps of 4 each stay within a rank's own).
+    rank0 = set(fingerprints(batches_of(manifest, steps=3, rank=0, world_size=2)))
+    rank1 = set(fingerprints(batches_of(manifest, steps=3, rank=1, world_size=2)))
+    assert rank0 and rank1 and not rank0 & rank1
+    # More steps than a rank's shards hold: it cycles them, so every rank takes the same number of steps.
+    assert len(batches_of(manifest, steps=40, rank=1, world_size=2)) == 40
+
+
+def test_a_truncated_shard_stops_training_with_one_line_naming_it(folder, tmp_path):
+    out = prepared_set(folder, tmp_path / "prepared")
+    manifest = read_manifest(out)
+    shard = out / manifest.splits["train"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(DataError, match=f"shard {shard} is truncated or altered"):
+        batches_of(manifest, steps=20)
+
+
+def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, micro_cfg):
+    from mae_search.data import check_local_data
+    from mae_search.train import Trainer
+
+    out = prepared_set(folder, tmp_path / "prepared")
+    cfg = micro_cfg.with_overrides({"data": {"dataset": "prepared", "path": str(out / MANIFEST),
+                                             "decode_workers": 1}, "batch_size": 8, "epochs": 1})
+    check_local_data(cfg.data)
+    trainer = Trainer(cfg, device=torch.device("cpu"))
+    assert len(trainer.data.train) == 60 and len(trainer.data.test) == 18  # labelled subsets in memory
+    [metrics] = trainer.fit()
+    assert trainer.steps_per_epoch == 60 // 8 and np.isfinite(metrics["loss"])
+    assert 0.0 <= metrics["linear_probe_acc"] <= 1.0 and "knn_acc" in metrics
+    bad = cfg.data.model_copy(update={"path": str(tmp_path / "nothing")})
+    with pytest.raises(DataError, match="no manifest at"):
+        check_local_data(bad)
+    small = micro_cfg.with_overrides({"data": {"dataset": "prepared", "path": str(out)}, "model": {"img_size": 32,
+                                      "patch_size": 8}})
+    with pytest.raises(DataError, match="holds 16 px images but model.img_size is 32"):
+        Trainer(small, device=torch.device("cpu"))

@@ -1,0 +1,221 @@
+"""Prepared, streamed data against decoding an ImageFolder into memory, on generated JPEG folders.
+
+Measured in one run on this machine, the two input paths side by side:
+
+- peak resident memory of one trial's data path (load, then one epoch of
+  batches) at 1x, 4x and 16x images: a fresh process per point, its own peak
+  plus its decode workers';
+- decode + augment images/s on one core, and time to the first batch;
+- whether the tiny model's training step is input-bound with streaming (an
+  epoch streamed through one decode worker against the same epoch in memory);
+- a 4-trial search on the same data: prepared once and streamed, against
+  decoding the ImageFolder in every trial (wall time, and CPU-seconds of the
+  search's process tree).
+
+    python -m benchmarks.prepared_data [--base 1000] [--resolution 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine, write_section
+
+TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16,
+              "decoder_depth": 1, "decoder_num_heads": 2}
+
+
+def write_folder(root: Path, images: int, seed: int = 0, val: int = 200) -> Path:
+    """A 10-class ImageFolder of JPEGs 64-96 px (smooth colour fields with noise, about 4 KB each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", images), ("val", val)):
+        for i in range(n):
+            folder = root / split / f"class{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = rng.integers(64, 97, size=2)
+            base = rng.integers(0, 256, 3)
+            pixels = base + np.linspace(0, 60, w)[None, :, None] + rng.normal(0, 12, (h, w, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def prepare_in_process(source: Path, out: Path, resolution: int, shard_size: int = 500) -> Path:
+    """The same shards `mae-search prepare` writes, made here without Ray (the benchmark times reading)."""
+    from mae_search.prepare import PrepareSettings, plan_shards, prepare_shard, write_manifest
+    from mae_search.storage import Location
+
+    settings = PrepareSettings("imagefolder", str(source), resolution)
+    classes, plans = plan_shards(settings, shard_size)
+    target = Location.of(out)
+    write_manifest(settings, target, classes, plans, {p.stem: prepare_shard(settings, p, target) for p in plans})
+    return out
+
+
+def data_config(kind: str, path: Path, **extra) -> dict:
+    return {"dataset": kind, "path": str(path), "num_labelled": 1000, "eval_images": 1000, **extra}
+
+
+# --------------------------------------------------------------------------- one point, in a fresh process
+
+
+def child(kind: str, path: str, resolution: int) -> None:
+    """Load the data as a trial does, run one epoch of batches, print peak RSS (MB) and timings as JSON."""
+    from mae_search.config import DataConfig, ModelConfig
+    from mae_search.data import ImageSet, load_data
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    cfg = DataConfig.model_validate(data_config(kind, Path(path), decode_workers=2))
+    splits = load_data(cfg, ModelConfig(img_size=resolution, **TINY_MODEL))
+    first = None
+    batches = 0
+    if isinstance(splits.pretrain, ImageSet):
+        gen = torch.Generator().manual_seed(0)
+        for idx in torch.randperm(len(splits.pretrain), generator=gen).split(64):
+            splits.pretrain.images[idx].float().sum()
+            first = first or time.perf_counter() - start
+            batches += 1
+    else:
+        for batch in splits.pretrain.batches(64, len(splits.pretrain) // 64, seed=0, epoch=0):
+            batch.float().sum()
+            first = first or time.perf_counter() - start
+            batches += 1
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"rss_mb": own, "workers_mb": workers, "first_batch_s": first,
+                      "epoch_s": time.perf_counter() - start, "batches": batches}))
+
+
+def measure(kind: str, path: Path, resolution: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.prepared_data", "--child", kind, str(path),
+                          "--resolution", str(resolution)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- throughput and input-bound
+
+
+def decode_throughput(manifest_dir: Path, resolution: int, steps: int = 20) -> float:
+    """Images/s of decode + crop/flip + normalise on the calling thread (one core)."""
+    from mae_search.data import crop_flip, draw_crop_flip, normalize
+    from mae_search.prepare import read_manifest
+    from mae_search.stream import PreparedSet
+
+    torch.set_num_threads(1)
+    stream = PreparedSet(read_manifest(manifest_dir), decode_workers=0, shuffle_shards=2)
+    start = time.perf_counter()
+    for batch in stream.batches(64, steps, seed=0, epoch=0):
+        crop_flip(normalize(batch), draw_crop_flip(len(batch)), (0.35, 1.0), True)
+    return steps * 64 / (time.perf_counter() - start)
+
+
+def input_bound(folder: Path, manifest_dir: Path, resolution: int) -> tuple[float, float]:
+    """Epoch seconds of the tiny model with in-memory batches and with one decode worker streaming."""
+    from mae_search.config import TrainConfig
+    from mae_search.train import Trainer
+
+    torch.set_num_threads(1)
+    times = []
+    for kind, path in (("imagefolder", folder), ("prepared", manifest_dir)):
+        cfg = TrainConfig.model_validate({"model": {"img_size": resolution, **TINY_MODEL}, "batch_size": 64,
+                                          "epochs": 1, "data": data_config(kind, path, decode_workers=1)})
+        trainer = Trainer(cfg, device=torch.device("cpu"))
+        start = time.perf_counter()
+        trainer.train_one_epoch()
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
+
+
+# --------------------------------------------------------------------------- a 4-trial search per path
+
+
+def search_cost(kind: str, path: Path, resolution: int, storage: Path) -> tuple[float, float]:
+    """Wall seconds and CPU-seconds (the whole machine's, which runs nothing else) of a 4-trial grid search."""
+    import psutil
+
+    space = storage / f"{kind}.yaml"
+    space.write_text(json.dumps({
+        "name": f"data-{kind}",
+        "base": {"epochs": 1, "batch_size": 64, "model": {"img_size": resolution, **TINY_MODEL},
+                 "data": data_config(kind, path, decode_workers=1),
+                 "eval": {"probe": {"epochs": 2}, "grid_images": 4, "finetune": {"at": "never"}}},
+        "dimensions": {"masking.mask_ratio": {"grid": [0.6, 0.7, 0.75, 0.8]}},
+        "metric": "loss", "mode": "min", "scheduler": {"type": "none"}, "max_concurrent_trials": 2,
+    }))
+    before = psutil.cpu_times()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mae_search.cli", "search", str(space), "--storage", str(storage),
+                    "--num-cpus", "2", "--no-mlflow"], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = psutil.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=int, default=1000, help="images at 1x")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-search", action="store_true", help="skip the 4-trial searches (about 3 minutes)")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.resolution)
+        return
+    rows, lines = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sets, prepare_s = {}, {}
+        for factor in (1, 4, 16):
+            folder = write_folder(tmp / f"folder{factor}", args.base * factor)
+            start = time.perf_counter()
+            sets[factor] = (folder, prepare_in_process(folder, tmp / f"prepared{factor}", args.resolution))
+            prepare_s[factor] = time.perf_counter() - start
+        for factor, (folder, prepared) in sets.items():
+            memory = measure("imagefolder", folder, args.resolution)
+            stream = measure("prepared", prepared, args.resolution)
+            rows.append(f"| {args.base * factor} | {memory['rss_mb']:.0f} | {stream['rss_mb']:.0f} + "
+                        f"{stream['workers_mb']:.0f} | {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} |")
+        per_core = decode_throughput(sets[1][1], args.resolution)
+        in_memory_s, streamed_s = input_bound(*sets[4], args.resolution)
+        lines += [
+            f"Generated JPEG ImageFolder (10 classes, 64-96 px sources, about 4 KB each), prepared at "
+            f"{args.resolution} px in shards of 500; {machine()}.", "",
+            "| train images | in memory: peak RSS (MB) | streamed: RSS + decode workers (MB) | "
+            "in memory: first batch (s) | streamed: first batch (s) |",
+            "|---|---|---|---|---|", *rows, "",
+            f"Decode + crop/flip + normalise on one core: {per_core:.0f} images/s.",
+            f"Tiny model, one epoch of {args.base * 4} images on one thread: in memory {in_memory_s:.1f} s, "
+            f"streamed through one decode worker {streamed_s:.1f} s "
+            f"(streamed / in memory = {streamed_s / in_memory_s:.2f}).",
+        ]
+        if not args.no_search:
+            folder, prepared = sets[4]
+            decoded = search_cost("imagefolder", folder, args.resolution, tmp / "s1")
+            streamed = search_cost("prepared", prepared, args.resolution, tmp / "s2")
+            lines += ["", f"4-trial search on {args.base * 4} images (two at a time, one epoch each): "
+                      f"decode per trial {decoded[0]:.0f} s wall, {decoded[1]:.0f} CPU-s; prepared once and "
+                      f"streamed {streamed[0]:.0f} s wall, {streamed[1]:.0f} CPU-s (wall ratio "
+                      f"{streamed[0] / decoded[0]:.2f}, CPU ratio {streamed[1] / decoded[1]:.2f}). Preparing "
+                      f"the set once took {prepare_s[4]:.0f} s on one core (in this process; `mae-search "
+                      f"prepare` runs the shards as parallel Ray tasks)."]
+    text = "\n".join(lines)
+    print(text)
+    write_section("prepared_data", "## Prepared, streamed data against decoding in memory\n\n"
+                  "`python -m benchmarks.prepared_data`\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
