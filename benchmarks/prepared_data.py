@@ -4,7 +4,7 @@ Measured in one run on this machine, the two input paths side by side:
 
 - peak resident memory of one trial's data path (load, then one epoch of
   batches) at 1x, 4x and 16x images: a fresh process per point, its own peak
-  plus its decode workers';
+  and the largest decode worker's (forked, so they share pages with it);
 - decode + augment images/s on one core, and time to the first batch;
 - whether the tiny model's training step is input-bound with streaming (an
   epoch streamed through one decode worker against the same epoch in memory);
@@ -145,6 +145,7 @@ def search_cost(kind: str, path: Path, resolution: int, storage: Path) -> tuple[
     """Wall seconds and CPU-seconds (the whole machine's, which runs nothing else) of a 4-trial grid search."""
     import psutil
 
+    storage.mkdir(parents=True, exist_ok=True)
     space = storage / f"{kind}.yaml"
     space.write_text(json.dumps({
         "name": f"data-{kind}",
@@ -193,7 +194,7 @@ def main() -> None:
         lines += [
             f"Generated JPEG ImageFolder (10 classes, 64-96 px sources, about 4 KB each), prepared at "
             f"{args.resolution} px in shards of 500; {machine()}.", "",
-            "| train images | in memory: peak RSS (MB) | streamed: RSS + decode workers (MB) | "
+            "| train images | in memory: peak RSS (MB) | streamed: RSS + largest decode worker (MB) | "
             "in memory: first batch (s) | streamed: first batch (s) |",
             "|---|---|---|---|---|", *rows, "",
             f"Decode + crop/flip + normalise on one core: {per_core:.0f} images/s.",
@@ -201,6 +202,7 @@ def main() -> None:
             f"streamed through one decode worker {streamed_s:.1f} s "
             f"(streamed / in memory = {streamed_s / in_memory_s:.2f}).",
         ]
+        print("\n".join(lines), flush=True)
         if not args.no_search:
             folder, prepared = sets[4]
             decoded = search_cost("imagefolder", folder, args.resolution, tmp / "s1")
