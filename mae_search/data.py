@@ -255,6 +255,14 @@ def load_stl10(root: str | Path) -> tuple[ImageSet, ImageSet, ImageSet]:
     return unlabeled, splits[0], splits[1]
 
 
+def square_image(size: int):
+    """Shorter side resized to ``size``, then the centre square: how an ImageFolder's images are sized, in
+    memory and when prepared (mae_search.prepare), so both paths see the same pictures."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+
+
 def load_imagefolder(root: str | Path, size: int) -> tuple[ImageSet, ImageSet]:
     """An ImageFolder tree with train/ and val/ (or test/) sub-trees, resized to ``size``.
 
@@ -267,7 +275,7 @@ def load_imagefolder(root: str | Path, size: int) -> tuple[ImageSet, ImageSet]:
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or val_dir is None:
         raise DataError(f"imagefolder: {root} must contain train/ and val/ (or test/) class folders")
-    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    tf = transforms.Compose([square_image(size), transforms.PILToTensor()])
 
     def read(path: Path) -> ImageSet:
         ds = datasets.ImageFolder(str(path), transform=tf)

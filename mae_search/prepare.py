@@ -196,19 +196,6 @@ def _array_images(settings: PrepareSettings, plan: ShardPlan) -> tuple[np.ndarra
 # --------------------------------------------------------------------------- one shard (a Ray task)
 
 
-def _square(image: Any, resolution: int) -> Any:
-    """Shorter side to ``resolution``, then the centre square: what the in-memory ImageFolder path does."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BILINEAR)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def _jpeg(image: Any, quality: int) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
@@ -221,23 +208,26 @@ def encode_shard(settings: PrepareSettings, plan: ShardPlan) -> tuple[bytes, int
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from mae_search.data import square_image
+
+    square = square_image(settings.resolution)
     images, labels, keys, skipped = [], [], [], []
     if settings.kind == "imagefolder":
         root = Path(settings.root)
         for rel, label in plan.items:
             try:
                 with Image.open(root / rel) as img:
-                    square = _square(img.convert("RGB"), settings.resolution)
+                    sized = square(img.convert("RGB"))
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged file
                 skipped.append({"path": str(root / rel), "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            images.append(_jpeg(square, settings.quality))
+            images.append(_jpeg(sized, settings.quality))
             labels.append(label)
             keys.append(rel)
     else:
         pixels, ys = _array_images(settings, plan)
         for i, (array, label) in enumerate(zip(pixels, ys, strict=True)):
-            images.append(_jpeg(_square(Image.fromarray(array), settings.resolution), settings.quality))
+            images.append(_jpeg(square(Image.fromarray(array)), settings.quality))
             labels.append(int(label))
             keys.append(str(plan.start + i))
     table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64()),

@@ -37,7 +37,7 @@ from mae_search.evaluate import REFERENCE_KINDS
 from mae_search.results import RESULTS_FILE, SPACE_FILE, missing_references, record_references
 from mae_search.search_space import SearchSpace
 from mae_search.seed_run import reference_task
-from mae_search.storage import OPTUNA_DB, Location, local_dir, restore_sqlite_copies, save_sqlite_copies
+from mae_search.storage import OPTUNA_DB, Location, optuna_db, restore_sqlite_copies, save_sqlite_copies
 from mae_search.trial import run_trial
 
 # The Tune-side driver of a trial only waits on its seeds' runs. It takes no
@@ -112,7 +112,7 @@ OPTUNA_FILE = OPTUNA_DB  # the persisted Optuna study, beside the results table
 def optuna_file(search_dir: str | Path | Location) -> Path:
     """The Optuna study's SQLite file: in the search directory, or in its local mirror for an object store."""
     search_dir = Location.of(search_dir)
-    return local_dir(search_dir.parent) / search_dir.name / OPTUNA_FILE
+    return optuna_db(search_dir.parent, search_dir.name)
 
 
 def optuna_storage_url(search_dir: str | Path | Location) -> str:

@@ -50,6 +50,7 @@ from mae_search.results import (
     final_rows,
     read_table,
     reference_rows,
+    results_file,
 )
 from mae_search.search_space import SearchSpace
 from mae_search.storage import Location
@@ -80,8 +81,7 @@ class SearchRecord:
 def load_from_dir(path: str | Path | Location) -> SearchRecord:
     """A search directory (results.parquet + search_space.json), or a report's data/ archive; a local
     path or an object-store URI."""
-    path = Location.of(path)
-    table_file = path / RESULTS_FILE if path.is_dir() or not path.name.endswith(".parquet") else path
+    table_file = results_file(path)
     space_file = table_file.parent / SPACE_FILE
     if not table_file.is_file():
         raise ReportError(f"unknown search: no results table at {table_file}")

@@ -38,12 +38,16 @@ def read_table(path: Path | Location) -> pd.DataFrame:
     return pd.read_parquet(Location.of(path).open_input())
 
 
+def results_file(path: str | Path | Location) -> Location:
+    """A results table given as itself or as the search directory (or report archive) holding it."""
+    path = Location.of(path)
+    return path / RESULTS_FILE if path.is_dir() or not path.name.endswith(".parquet") else path
+
+
 def read_results(path: str | Path | Location, with_references: bool = False) -> pd.DataFrame:
     """Load a results table (a file, or a search directory holding one; local or in an object store):
     the trials' rows, and the reference rows too when asked."""
-    path = Location.of(path)
-    if path.is_dir() or not path.name.endswith(".parquet"):
-        path = path / RESULTS_FILE
+    path = results_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
     df = read_table(path)

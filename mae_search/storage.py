@@ -246,10 +246,19 @@ def local_dir(storage: Location) -> Path:
     return cache / "mae-search" / storage.scheme / storage.path.lstrip("/")
 
 
+def mlflow_db(storage: Location) -> Path:
+    """The embedded MLflow store of a storage (one per storage, shared by its searches)."""
+    return local_dir(storage) / MLFLOW_DB
+
+
+def optuna_db(storage: Location, search: str) -> Path:
+    """A search's Optuna study."""
+    return local_dir(storage) / search / OPTUNA_DB
+
+
 def sqlite_files(storage: Location, search: str) -> list[tuple[Path, Location]]:
     """The SQLite files a search uses, each with where its copy lives in the storage."""
-    local = local_dir(storage)
-    return [(local / MLFLOW_DB, storage / MLFLOW_DB), (local / search / OPTUNA_DB, storage / search / OPTUNA_DB)]
+    return [(mlflow_db(storage), storage / MLFLOW_DB), (optuna_db(storage, search), storage / search / OPTUNA_DB)]
 
 
 def save_sqlite_copies(storage: Location, search: str) -> None:

@@ -57,7 +57,7 @@ from mae_search.record import (
     status_after,
 )
 from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
-from mae_search.storage import MLFLOW_DB, Location, local_dir
+from mae_search.storage import Location, mlflow_db
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class TrackingError(ValueError):
 def default_tracking_uri(storage: str | Path | Location) -> str:
     """The embedded store: a SQLite file beside the search results (no server needed), or in the local
     mirror of an object store (SQLite needs a local disk; its artifacts still go to the object store)."""
-    return f"sqlite:///{local_dir(Location.of(storage)) / MLFLOW_DB}"
+    return f"sqlite:///{mlflow_db(Location.of(storage))}"
 
 
 def resolve_tracking_uri(cli_uri: str | None, storage: str | Path | Location) -> str:

@@ -221,3 +221,16 @@ def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, mic
                                       "patch_size": 8}})
     with pytest.raises(DataError, match="holds 16 px images but model.img_size is 32"):
         Trainer(small, device=torch.device("cpu"))
+
+
+def test_prepared_images_are_the_in_memory_paths_up_to_jpeg(folder, tmp_path):
+    """Both paths size an ImageFolder image the same way (one transform), so they differ by JPEG only."""
+    from mae_search.data import load_imagefolder
+
+    (folder / "train" / "ants" / "broken.jpg").unlink()  # the in-memory loader cannot skip it
+    in_memory, _ = load_imagefolder(folder, 16)
+    manifest = read_manifest(prepared_set(folder, tmp_path / "prepared", shard_size=100))
+    jpegs, labels = read_shard(manifest, manifest.splits["train"][0])
+    streamed = np.stack([decode(jpeg, "x") for jpeg in jpegs]).astype(np.float32)
+    assert streamed.shape == tuple(in_memory.images.shape) and (labels == in_memory.labels.numpy()).all()
+    assert np.abs(streamed - in_memory.images.numpy()).mean() < 3.0
