@@ -114,9 +114,9 @@ def decode_throughput(manifest_dir: Path, resolution: int, steps: int = 20) -> f
     from mae_search.stream import PreparedSet
 
     torch.set_num_threads(1)
-    stream = PreparedSet(read_manifest(manifest_dir), decode_workers=0, shuffle_shards=2)
+    stream = PreparedSet(read_manifest(manifest_dir), "train", decode_workers=0, shuffle_shards=2)
     start = time.perf_counter()
-    for batch in stream.batches(64, steps, seed=0, epoch=0):
+    for batch, _ in stream.batches(64, steps, seed=0, epoch=0):
         crop_flip(normalize(batch), draw_crop_flip(len(batch)), (0.35, 1.0), True)
     return steps * 64 / (time.perf_counter() - start)
 

@@ -189,6 +189,9 @@ class DataConfig(_Strict):
     hflip: bool = True
     eval_images: int = Field(10_000, ge=16, description="prepared only: labelled images of each of train and "
                              "val/test decoded into memory for probe, k-NN and fine-tuning (the first ones)")
+    final_eval: Literal["full", "subset"] = Field(
+        "full", description="prepared only: at the last epoch, probe, k-NN and fine-tuning stream every labelled "
+        "image ('full'), or keep the eval_images subset ('subset'); reference rows follow the same choice")
     decode_workers: int = Field(2, ge=0, description="prepared only: decode processes per training worker "
                                 "(0: decode on the training thread)")
     shuffle_shards: int = Field(4, ge=1, description="prepared only: shards each decode process holds and "

@@ -52,11 +52,21 @@ class ImageSet:
 @dataclass
 class DataSplits:
     """``pretrain`` feeds MAE (in memory, or streamed from a prepared set); ``train``/``test`` are the
-    labelled splits for probing, k-NN and fine-tuning."""
+    labelled splits for probing, k-NN and fine-tuning, in memory. A prepared set also gives its whole
+    labelled splits, streamed (``full_train``/``full_test``), for the last epoch's evaluation."""
 
     pretrain: ImageSet | PreparedSet
     train: ImageSet
     test: ImageSet
+    full_train: PreparedSet | None = None
+    full_test: PreparedSet | None = None
+
+    def labelled(self, final: bool) -> tuple[ImageSet | PreparedSet, ImageSet | PreparedSet]:
+        """The (train, test) an evaluation uses: the whole splits at the last epoch where there are
+        streamed ones, else the in-memory ones."""
+        if final:
+            return self.full_train or self.train, self.full_test or self.test
+        return self.train, self.test
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -297,10 +307,14 @@ def _resize(images: ImageSet, size: int) -> ImageSet:
 def load_data(cfg: DataConfig, model: ModelConfig, seed: int = 0) -> DataSplits:
     """Load the configured data set at the model's image size; the labelled split cut to ``num_labelled``."""
     splits = _load_splits(cfg, model.img_size, seed)
-    if cfg.num_labelled is not None and cfg.num_labelled < len(splits.train):
-        # A fixed subset: the first images (every loader keeps a fixed order), the same for every trial of a seed.
-        t = splits.train
-        splits.train = ImageSet(t.images[: cfg.num_labelled], t.labels[: cfg.num_labelled], t.classes)
+    if cfg.num_labelled is not None:
+        splits.full_train = None  # an explicit labelled budget holds at every epoch, the last included
+        if cfg.num_labelled < len(splits.train):
+            # A fixed subset: the first images (every loader keeps a fixed order), the same for every trial.
+            t = splits.train
+            splits.train = ImageSet(t.images[: cfg.num_labelled], t.labels[: cfg.num_labelled], t.classes)
+    if cfg.final_eval == "subset":
+        splits.full_train = splits.full_test = None
     return splits
 
 
@@ -319,9 +333,9 @@ def _load_splits(cfg: DataConfig, size: int, seed: int) -> DataSplits:
     if cfg.dataset == "prepared":
         from mae_search.stream import load_prepared
 
-        pretrain, train, test = load_prepared(cfg.path, size, cfg.eval_images, cfg.decode_workers,
-                                              cfg.shuffle_shards)
-        return DataSplits(pretrain, train, test)
+        prepared = load_prepared(cfg.path, size, cfg.eval_images, cfg.decode_workers, cfg.shuffle_shards)
+        return DataSplits(prepared.pretrain, prepared.train, prepared.test, prepared.full_train,
+                          prepared.full_test)
     train, test = load_imagefolder(cfg.path, size)
     return DataSplits(train, train, test)
 

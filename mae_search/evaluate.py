@@ -29,38 +29,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import EvalConfig, FinetuneConfig, ModelConfig
-from mae_search.data import ImageSet, denormalize, normalize
+from mae_search.data import denormalize, normalize
 from mae_search.finetune import finetune
 from mae_search.losses import laplacian, masked_mse, patch_targets, pixel_mask
 from mae_search.masking import patchify, unpatchify
 from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
+from mae_search.stream import Labelled, PreparedSet, ordered_batches
 
 REFERENCE_KINDS = ("random_init", "raw_pixels")
 RAW_PIXEL_SIZE = 32  # raw-pixel features are taken at most at 32 x 32 (3072 numbers), whatever the image size
 
 
+Features = tuple[torch.Tensor, torch.Tensor]  # (N, D) features and (N,) labels, on one device
+
+
+def has_labels(data: Labelled) -> bool:
+    """Whether a labelled split really has labels (an unlabelled in-memory set carries -1)."""
+    return bool(data.classes) if isinstance(data, PreparedSet) else bool((data.labels >= 0).any())
+
+
 @torch.no_grad()
 def extract_features(
-    model: MaskedAutoencoderViT, images: ImageSet, pool: str, device: torch.device, batch_size: int = 256
-) -> torch.Tensor:
-    """Frozen-encoder features for every image: CLS token (the paper's probe) or mean of patch tokens."""
+    model: MaskedAutoencoderViT, data: Labelled, pool: str, device: torch.device, batch_size: int = 256
+) -> Features:
+    """Frozen-encoder features of every image, with labels: CLS token (the paper's probe) or mean of patch
+    tokens. A streamed split is read once; only the features stay in memory (D numbers an image)."""
     model.eval()
-    feats = []
-    for chunk in images.images.split(batch_size):
-        tokens = model.forward_features(normalize(chunk.to(device))).float()
+    feats, labels = [], []
+    for images, y in ordered_batches(data, batch_size):
+        tokens = model.forward_features(normalize(images.to(device))).float()
         feats.append(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1))
-    return torch.cat(feats)
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
 
 
-def pixel_features(images: ImageSet, device: torch.device) -> torch.Tensor:
+def pixel_features(data: Labelled, device: torch.device) -> Features:
     """The raw-pixel reference: normalised pixels, area-downsampled to at most 32 x 32, flattened."""
-    feats = []
-    for chunk in images.images.split(512):
-        x = normalize(chunk.to(device))
+    feats, labels = [], []
+    for images, y in ordered_batches(data, 512):
+        x = normalize(images.to(device))
         if x.shape[-1] > RAW_PIXEL_SIZE:
             x = F.interpolate(x, size=(RAW_PIXEL_SIZE, RAW_PIXEL_SIZE), mode="area")
         feats.append(x.flatten(1))
-    return torch.cat(feats)
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
 
 
 def linear_probe_accuracy(
@@ -115,13 +127,15 @@ def knn_accuracy(
     return correct / len(test_x)
 
 
-def feature_metrics(train_x: torch.Tensor, test_x: torch.Tensor, train: ImageSet, test: ImageSet,
-                    cfg: EvalConfig, seed: int) -> dict[str, float]:
-    """Linear probe and k-NN on given features (encoder or raw pixels alike)."""
-    tr_y, te_y = train.labels.to(train_x.device), test.labels.to(test_x.device)
+def feature_metrics(train: Features, test: Features, cfg: EvalConfig, seed: int) -> dict[str, float]:
+    """Linear probe and k-NN on given features (encoder or raw pixels alike), and how many images each
+    split had (the report says which evaluation set a number comes from)."""
+    (tr_x, tr_y), (te_x, te_y) = train, test
     return {
-        "linear_probe_acc": linear_probe_accuracy(train_x, tr_y, test_x, te_y, cfg.probe.epochs, seed, cfg.probe.lr),
-        "knn_acc": knn_accuracy(train_x, tr_y, test_x, te_y, cfg.knn_k),
+        "linear_probe_acc": linear_probe_accuracy(tr_x, tr_y, te_x, te_y, cfg.probe.epochs, seed, cfg.probe.lr),
+        "knn_acc": knn_accuracy(tr_x, tr_y, te_x, te_y, cfg.knn_k),
+        "eval_train_images": float(len(tr_y)),
+        "eval_test_images": float(len(te_y)),
     }
 
 
@@ -202,7 +216,7 @@ def due(when: str, final: bool) -> bool:
 
 
 def finetune_metrics(
-    model: MaskedAutoencoderViT, train: ImageSet, test: ImageSet, cfg: EvalConfig, final: bool,
+    model: MaskedAutoencoderViT, train: Labelled, test: Labelled, cfg: EvalConfig, final: bool,
     device: torch.device, seed: int, *, rank: int = 0, world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None, use_amp: bool = False,
 ) -> dict[str, float]:
@@ -222,42 +236,43 @@ def finetune_metrics(
 
 def evaluate(
     model: MaskedAutoencoderViT,
-    train: ImageSet,
-    test: ImageSet,
+    train: Labelled,
+    test: Labelled,
+    held_out: torch.Tensor,
     cfg: EvalConfig,
     mask_ratio: float,
     norm_pix: bool,
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Probe, k-NN and reconstruction metrics for one model state (rank 0 only; fine-tuning is separate).
+    """Probe and k-NN on ``train``/``test``, reconstruction metrics on the ``held_out`` uint8 images
+    (rank 0 only; fine-tuning is separate).
 
     Fixed splits and a fixed masking seed make the numbers comparable across epochs.
     """
     metrics: dict[str, float] = {}
-    if (train.labels >= 0).any():
-        tr_x = extract_features(model, train, cfg.probe.pool, device)
-        te_x = extract_features(model, test, cfg.probe.pool, device)
-        metrics.update(feature_metrics(tr_x, te_x, train, test, cfg, seed))
+    if has_labels(train):
+        tr = extract_features(model, train, cfg.probe.pool, device)
+        metrics.update(feature_metrics(tr, extract_features(model, test, cfg.probe.pool, device), cfg, seed))
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        sample = test.images[: min(len(test), 512)].to(device)
+        sample = held_out[:512].to(device)
         metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix)))
     return metrics
 
 
-def evaluate_reference(kind: str, model_cfg: ModelConfig, train: ImageSet, test: ImageSet, cfg: EvalConfig,
+def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, test: Labelled, cfg: EvalConfig,
                        device: torch.device, seed: int) -> dict[str, float]:
     """A reference row: ``random_init`` (the seed's untrained encoder through the full protocol,
-    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels)."""
+    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels).
+    Give it the splits a trial's last epoch is evaluated on (``DataSplits.labelled(final=True)``)."""
     if kind == "raw_pixels":
-        return feature_metrics(pixel_features(train, device), pixel_features(test, device), train, test, cfg, seed)
+        return feature_metrics(pixel_features(train, device), pixel_features(test, device), cfg, seed)
     if kind != "random_init":
         raise ValueError(f"unknown reference '{kind}' (known: {', '.join(REFERENCE_KINDS)})")
     torch.manual_seed(seed)  # the same initialisation as a trial of this seed (see Trainer)
     model = MaskedAutoencoderViT(model_cfg).to(device)
-    tr_x = extract_features(model, train, cfg.probe.pool, device)
-    te_x = extract_features(model, test, cfg.probe.pool, device)
-    metrics = feature_metrics(tr_x, te_x, train, test, cfg, seed)
+    tr = extract_features(model, train, cfg.probe.pool, device)
+    metrics = feature_metrics(tr, extract_features(model, test, cfg.probe.pool, device), cfg, seed)
     return {**metrics, **finetune_metrics(model, train, test, cfg, True, device, seed)}

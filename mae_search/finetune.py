@@ -5,8 +5,9 @@ AdamW with layer-wise lr decay (timm's ``param_groups_layer_decay``: block i
 gets ``layer_decay ** (depth + 1 - i)`` of the lr), per-step warm-up then
 cosine, label smoothing, drop path, gradient clipping, global-average-pooled
 features into a linear head, and optionally mixup/cutmix (timm's ``Mixup``).
-Images stay on the device and are cropped/flipped a batch at a time, as in
-pre-training. Under DDP every rank trains on its shard of the labelled set
+Images in memory stay on the device, a prepared set's are streamed
+(:mod:`mae_search.stream`); either way they are cropped/flipped a batch at a
+time, as in pre-training. Under DDP every rank trains on its shard of the labelled set
 (gradients averaged by the wrapper) and evaluates its shard of the test set;
 the counts are summed, so every rank returns the same accuracy.
 """
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import FinetuneConfig, ModelConfig
-from mae_search.data import ImageSet, crop_flip, draw_crop_flip, epoch_batches, normalize
+from mae_search.data import crop_flip, normalize
 from mae_search.model import ViTClassifier
 from mae_search.schedule import lr_at
+from mae_search.stream import Labelled, ordered_batches, shuffled_batches
 
 
 @dataclass
@@ -69,8 +71,8 @@ def make_mixup(cfg: FinetuneConfig, num_classes: int) -> Callable | None:
 def finetune(
     encoder: dict[str, torch.Tensor],
     model_cfg: ModelConfig,
-    train: ImageSet,
-    test: ImageSet,
+    train: Labelled,
+    test: Labelled,
     cfg: FinetuneConfig,
     *,
     device: torch.device,
@@ -95,22 +97,20 @@ def finetune(
         lr = cfg.blr * cfg.batch_size * world_size / 256
         optimizer = make_finetune_optimizer(model, lr, cfg)
         mixup = make_mixup(cfg, num_classes)
-        images, labels = train.images.to(device), train.labels.to(device)
+        train = train.to(device)
         gen = torch.Generator().manual_seed(seed)
         steps_per_epoch = len(train) // world_size // cfg.batch_size
         total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
         trainable = [p for p in model.parameters() if p.requires_grad]
         step = 0
         net.train()
-        for _ in range(cfg.epochs):
-            batches = epoch_batches(len(train), cfg.batch_size, gen, rank, world_size)
-            uniforms = draw_crop_flip(len(batches) * cfg.batch_size, gen).to(device).split(cfg.batch_size)
-            for idx, u in zip(batches, uniforms, strict=True):
-                idx = idx.to(device)
+        for epoch in range(cfg.epochs):
+            batches = shuffled_batches(train, cfg.batch_size, steps_per_epoch, gen, seed, epoch, device, rank,
+                                       world_size)
+            for images, y, u in batches:
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step, g["base_lr"], warmup, total, 0.0)
-                x = crop_flip(normalize(images[idx]), u, cfg.crop_scale, hflip=True)
-                y = labels[idx]
+                x = crop_flip(normalize(images), u, cfg.crop_scale, hflip=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     if mixup is not None:
                         x, soft = mixup(x, y)
@@ -128,13 +128,12 @@ def finetune(
 
 
 @torch.no_grad()
-def classifier_accuracy(model: nn.Module, test: ImageSet, device: torch.device, rank: int = 0,
+def classifier_accuracy(model: nn.Module, test: Labelled, device: torch.device, rank: int = 0,
                         world_size: int = 1, use_amp: bool = False, batch_size: int = 256) -> float:
-    """Top-1 over the whole test split; each rank scores a stride of it and the counts are summed."""
+    """Top-1 over the whole test split; each rank scores its part of it and the counts are summed."""
     model.eval()
-    images, labels = test.images[rank::world_size], test.labels[rank::world_size]
     correct = torch.zeros((), device=device)
-    for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+    for x, y in ordered_batches(test, batch_size, rank, world_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(normalize(x.to(device)))
         correct += (logits.argmax(1) == y.to(device)).sum()

@@ -46,6 +46,8 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("finetune_time_s", "FT time (s)", "min", "finetune", 1.0, 1),
     Metric("partial_finetune_time_s", "partial FT time (s)", "min", "partial_finetune", 1.0, 1, in_tables=False),
     Metric("throughput_img_s", "img/s", "max", "train", 1.0, 0, in_tables=False),
+    Metric("eval_train_images", "probe/k-NN train images", "max", "eval", 1.0, 0, in_tables=False),
+    Metric("eval_test_images", "probe/k-NN test images", "max", "eval", 1.0, 0, in_tables=False),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

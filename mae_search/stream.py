@@ -1,17 +1,23 @@
-"""Streaming input from a prepared data set: memory set by a prefetch budget, not by the data set.
+"""Input pipelines: batches of images (and labels) from memory or streamed from a prepared set.
 
-Each epoch, the shards of the pre-training split are put in an order drawn
-from (seed, epoch); rank r of w takes every w-th of them, so ranks read
-disjoint shards and a resumed epoch reads what the uninterrupted one did.
-A rank's shards are read by ``decode_workers`` DataLoader processes (decoding
-never runs on the training thread), each holding at most ``shuffle_shards``
-shards of JPEG bytes, shuffled together, and decoding only the batch it is
-about to yield. Every rank yields exactly the epoch's step count (cycling its
-shards if they hold fewer images), so DDP ranks never wait on each other.
+A prepared set streams: memory is set by a prefetch budget, not by the data set.
+Each epoch, the shards of a split are put in an order drawn from (seed, epoch);
+rank r of w takes every w-th of them, so ranks read disjoint shards and a
+resumed epoch reads what the uninterrupted one did. A rank's shards are read
+by ``decode_workers`` DataLoader processes (decoding never runs on the
+training thread), each holding at most ``shuffle_shards`` shards of JPEG
+bytes, shuffled together, and decoding only the batch it is about to yield.
+Every rank yields exactly the epoch's step count (cycling its shards if they
+hold fewer images), so DDP ranks never wait on each other.
 
-The labelled splits (probe, k-NN, fine-tuning, reconstruction grids) are
-small by comparison: ``data.eval_images`` of each are decoded into memory
-(the first shards; the same images for every trial).
+Evaluation passes (features for the probe and k-NN, a classifier's accuracy)
+read a split once, in shard order. Until the last epoch they use the first
+``data.eval_images`` images of each labelled split, decoded into memory (the
+same images for every trial); at the last epoch, with
+``data.final_eval: full``, they stream every labelled image.
+
+:func:`shuffled_batches` and :func:`ordered_batches` are the two ways any
+loop (pre-training, fine-tuning, evaluation) reads a split, whichever kind it is.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mae_search.data import DataError, ImageSet
+from mae_search.data import DataError, ImageSet, draw_crop_flip, epoch_batches
 from mae_search.prepare import Manifest, decode, read_manifest, read_shard
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, C, H, W), int64 labels (B,)
 
 
 def pretrain_split(manifest: Manifest) -> str:
@@ -52,9 +60,19 @@ def rank_shards(n: int, seed: int, epoch: int, rank: int, world_size: int) -> li
     return mine or order[rank % n:] + order[: rank % n]
 
 
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _decode_batch(pool: list[tuple[bytes, int, str]]) -> Batch:
+    images = np.stack([decode(jpeg, where) for jpeg, _, where in pool])
+    return torch.from_numpy(images), torch.tensor([label for _, label, _ in pool], dtype=torch.int64)
+
+
 @dataclass
 class EpochStream(IterableDataset):
-    """One rank's uint8 (B, C, H, W) batches for one epoch: ``steps`` of them in all, across workers."""
+    """One rank's shuffled (images, labels) batches for one epoch: ``steps`` of them in all, across workers."""
 
     manifest: Manifest
     split: str
@@ -69,9 +87,8 @@ class EpochStream(IterableDataset):
     def __post_init__(self) -> None:
         super().__init__()
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker()
         shards = self.manifest.splits[self.split]
         mine = rank_shards(len(shards), self.seed, self.epoch, self.rank, self.world_size)
         # DataLoader takes batches from its workers in turn: worker k yields batches k, k + workers, ...
@@ -80,60 +97,132 @@ class EpochStream(IterableDataset):
             return
         mine = mine[worker::workers] or mine[worker % len(mine):] + mine[: worker % len(mine)]
         gen = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        carry: list[tuple[bytes, str]] = []
+        carry: list[tuple[bytes, int, str]] = []
         position = 0
         while todo:
             group = [mine[(position + i) % len(mine)] for i in range(self.shuffle_shards)]
             position += self.shuffle_shards
             pool = list(carry)
             for s in dict.fromkeys(group):  # a shard once per group even when a rank has fewer shards
-                images, _ = read_shard(self.manifest, shards[s])
-                pool += [(jpeg, f"{self.manifest.root / shards[s]['file']} row {row}")
-                         for row, jpeg in enumerate(images)]
+                pool += _shard_rows(self.manifest, shards[s])
             order = gen.permutation(len(pool))
             usable = len(order) // self.batch_size * self.batch_size
             for start in range(0, usable, self.batch_size):
-                batch = [pool[i] for i in order[start:start + self.batch_size]]
-                yield torch.from_numpy(np.stack([decode(jpeg, where) for jpeg, where in batch]))
+                yield _decode_batch([pool[i] for i in order[start:start + self.batch_size]])
                 todo -= 1
                 if not todo:
                     return
             carry = [pool[i] for i in order[usable:]]
 
 
-class PreparedSet:
-    """The pre-training split of a prepared set, streamed: what the trainer iterates instead of an ImageSet."""
+def _shard_rows(manifest: Manifest, shard: dict) -> list[tuple[bytes, int, str]]:
+    """(JPEG bytes, label, where) of every image of a shard; ``where`` names it in an error."""
+    images, labels = read_shard(manifest, shard)
+    return [(jpeg, int(label), f"{manifest.root / shard['file']} row {row}")
+            for row, (jpeg, label) in enumerate(zip(images, labels, strict=True))]
 
-    def __init__(self, manifest: Manifest, decode_workers: int, shuffle_shards: int) -> None:
-        self.manifest = manifest
-        self.split = pretrain_split(manifest)
+
+@dataclass
+class OrderedStream(IterableDataset):
+    """Every image of one rank's shards (rank r of w: shards r, r + w, ...) once, in shard order."""
+
+    manifest: Manifest
+    split: str
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker()
+        shards = self.manifest.splits[self.split][self.rank::self.world_size]
+        for shard in shards[worker::workers]:
+            rows = _shard_rows(self.manifest, shard)
+            for start in range(0, len(rows), self.batch_size):
+                yield _decode_batch(rows[start:start + self.batch_size])
+
+
+class PreparedSet:
+    """One split of a prepared set, streamed: what a loop iterates instead of an in-memory ImageSet."""
+
+    def __init__(self, manifest: Manifest, split: str, decode_workers: int, shuffle_shards: int) -> None:
+        self.manifest, self.split = manifest, split
         self.decode_workers, self.shuffle_shards = decode_workers, shuffle_shards
 
     def __len__(self) -> int:
         return self.manifest.images(self.split)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest.classes)
+
     def to(self, device: torch.device) -> PreparedSet:
         return self  # batches move to the device one at a time
 
-    def batches(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
-        stream = EpochStream(self.manifest, self.split, batch_size, steps, seed, epoch, rank, world_size,
-                             self.shuffle_shards)
+    def _loader(self, stream: IterableDataset) -> DataLoader:
         workers = self.decode_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                           prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None)
+
+    def batches(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+        """``steps`` shuffled (images, labels) batches of this rank's shards for one epoch."""
+        return self._loader(EpochStream(self.manifest, self.split, batch_size, steps, seed, epoch, rank,
+                                        world_size, self.shuffle_shards))
+
+    def in_order(self, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Every image of this rank's shards once, with its label (an evaluation pass)."""
+        return self._loader(OrderedStream(self.manifest, self.split, batch_size, rank, world_size))
+
+
+Labelled = ImageSet | PreparedSet
+
+
+def shuffled_batches(data: Labelled, batch_size: int, steps: int, gen: torch.Generator, seed: int, epoch: int,
+                     device: torch.device, rank: int = 0, world_size: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's (uint8 images, labels, crop/flip uniforms) for ``steps`` steps of an epoch, on the device.
+
+    In memory (``data`` already on the device), the image indices and the
+    uniforms are drawn on the CPU from ``gen`` and copied in one transfer each:
+    a host-to-device copy inside the step would make the host wait for the
+    device every step instead of queueing the next step's work. A prepared set
+    streams its batches from decode workers, pinned and copied without blocking.
+    """
+    if steps < 1:
+        raise DataError(f"data set of {len(data)} images is smaller than one batch of {batch_size} per worker")
+    if isinstance(data, ImageSet):
+        order = torch.cat(epoch_batches(len(data), batch_size, gen, rank, world_size)[:steps])
+        uniforms = draw_crop_flip(len(order), gen)
+        pairs = zip(order.to(device).split(batch_size), uniforms.to(device).split(batch_size), strict=True)
+        return ((data.images[idx], data.labels[idx], u) for idx, u in pairs)
+    uniforms = draw_crop_flip(steps * batch_size, gen).to(device).split(batch_size)
+    loader = data.batches(batch_size, steps, seed, epoch, rank, world_size)
+    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True), u)
+            for (x, y), u in zip(loader, uniforms, strict=True))
+
+
+def ordered_batches(data: Labelled, batch_size: int = 256, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Every image of this rank's part of a split once, with its label, on the CPU (an evaluation pass).
+
+    In memory, rank r of w takes images r, r + w, ...; streamed, it takes every
+    w-th shard. Either way the ranks' parts are disjoint and cover the split.
+    """
+    if isinstance(data, ImageSet):
+        images, labels = data.images[rank::world_size], data.labels[rank::world_size]
+        return zip(images.split(batch_size), labels.split(batch_size), strict=True)
+    return iter(data.in_order(batch_size, rank, world_size))
 
 
 def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
     """The first ``limit`` images of a labelled split, decoded into memory (the same for every trial)."""
     images, labels = [], []
     for shard in manifest.splits[split]:
-        jpegs, ys = read_shard(manifest, shard)
-        for row, (jpeg, y) in enumerate(zip(jpegs, ys, strict=True)):
-            if len(images) == limit:
-                break
-            images.append(decode(jpeg, f"{manifest.root / shard['file']} row {row}"))
-            labels.append(int(y))
+        for jpeg, label, where in _shard_rows(manifest, shard)[: limit - len(images)]:
+            images.append(decode(jpeg, where))
+            labels.append(label)
         if len(images) == limit:
             break
     if not images:
@@ -142,13 +231,29 @@ def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
                     tuple(manifest.classes))
 
 
+@dataclass
+class PreparedSplits:
+    """What a prepared set gives a trial: the streamed pre-training split, the labelled subsets in memory,
+    and the whole labelled splits streamed (for the last epoch's evaluation)."""
+
+    pretrain: PreparedSet
+    train: ImageSet
+    test: ImageSet
+    full_train: PreparedSet
+    full_test: PreparedSet
+
+
 def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, shuffle_shards: int
-                  ) -> tuple[PreparedSet, ImageSet, ImageSet]:
-    """Streamed pre-training split, and in-memory labelled train and test subsets."""
+                  ) -> PreparedSplits:
+    """Streamed pre-training split, in-memory labelled subsets, and the streamed whole labelled splits."""
     manifest = read_manifest(path)
     if manifest.resolution != size:
         raise DataError(f"prepared: {manifest.root} holds {manifest.resolution} px images but model.img_size is "
                         f"{size} (prepare it again with --resolution {size}, or set model.img_size)")
-    train = load_labelled(manifest, "train", eval_images)
-    test = load_labelled(manifest, test_split(manifest), eval_images)
-    return PreparedSet(manifest, decode_workers, shuffle_shards), train, test
+    test = test_split(manifest)
+
+    def streamed(split: str) -> PreparedSet:
+        return PreparedSet(manifest, split, decode_workers, shuffle_shards)
+
+    return PreparedSplits(streamed(pretrain_split(manifest)), load_labelled(manifest, "train", eval_images),
+                          load_labelled(manifest, test, eval_images), streamed("train"), streamed(test))

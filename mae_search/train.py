@@ -8,6 +8,7 @@ and a distributed trial execute.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +19,13 @@ from torch import nn
 
 from mae_search.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.config import TrainConfig
-from mae_search.data import DataSplits, ImageSet, crop_flip, draw_crop_flip, epoch_batches, load_data, normalize
-from mae_search.evaluate import evaluate, finetune_metrics, reconstruct, save_reconstruction_grid
+from mae_search.data import DataSplits, crop_flip, load_data, normalize
+from mae_search.evaluate import evaluate, finetune_metrics, has_labels, reconstruct, save_reconstruction_grid
 from mae_search.losses import mae_loss
 from mae_search.masking import scheduled_mask_ratio
 from mae_search.model import MaskedAutoencoderViT
 from mae_search.schedule import lr_at
+from mae_search.stream import shuffled_batches
 
 EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
 # Unweighted loss terms are measured (for logging) on one step in this many.
@@ -80,7 +82,7 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         data = data or load_data(cfg.data, cfg.model, seed=cfg.seed)
-        self.data = DataSplits(data.pretrain.to(self.device), data.train, data.test)
+        self.data = dataclasses.replace(data, pretrain=data.pretrain.to(self.device))
         self.steps_per_epoch = len(data.pretrain) // world_size // cfg.batch_size // cfg.optim.accum_iter
         effective_batch = cfg.batch_size * world_size * cfg.optim.accum_iter
         self.base_lr = cfg.optim.blr * effective_batch / 256
@@ -145,28 +147,13 @@ class Trainer:
                             nan if terms.freq is None else terms.freq, nan if terms.unif is None else terms.unif])
 
     def epoch_inputs(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's (uint8 images, crop/flip uniforms) per step of the epoch, on the device.
-
-        In memory, the image indices and the uniforms are drawn on the CPU from
-        ``gen`` and copied in one transfer each: a host-to-device copy inside the
-        step would make the host wait for the device every step instead of
-        queueing the next step's work. A prepared set streams its batches from
-        decode workers (:mod:`mae_search.stream`), pinned and copied without
-        blocking.
-        """
+        """This rank's (uint8 images, crop/flip uniforms) per step of the epoch, on the device
+        (in memory or streamed: :func:`mae_search.stream.shuffled_batches`)."""
         cfg = self.cfg
         steps = self.steps_per_epoch * cfg.optim.accum_iter
-        pretrain = self.data.pretrain
-        if isinstance(pretrain, ImageSet):
-            batches = epoch_batches(len(pretrain), cfg.batch_size, gen, self.rank, self.world_size)
-            order = torch.cat(batches[:steps])
-            uniforms = draw_crop_flip(len(order), gen)
-            pairs = zip(order.to(self.device).split(cfg.batch_size), uniforms.to(self.device).split(cfg.batch_size),
-                        strict=True)
-            return ((pretrain.images[idx], u) for idx, u in pairs)
-        uniforms = draw_crop_flip(steps * cfg.batch_size, gen).to(self.device).split(cfg.batch_size)
-        loader = pretrain.batches(cfg.batch_size, steps, cfg.seed, self.epoch, self.rank, self.world_size)
-        return ((images.to(self.device, non_blocking=True), u) for images, u in zip(loader, uniforms, strict=True))
+        batches = shuffled_batches(self.data.pretrain, cfg.batch_size, steps, gen, cfg.seed, self.epoch,
+                                   self.device, self.rank, self.world_size)
+        return ((images, uniforms) for images, _, uniforms in batches)
 
     def train_one_epoch(self) -> dict[str, float]:
         cfg = self.cfg
@@ -208,16 +195,18 @@ class Trainer:
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """Every metric due now. Call on every rank: fine-tuning is DDP-aware; probe, k-NN and
-        reconstruction run on rank 0 only (they are cheap, and rank 0 reports them)."""
+        reconstruction run on rank 0 only (they are cheap, and rank 0 reports them). The last epoch
+        of a prepared set is evaluated on its whole labelled splits (``data.final_eval``)."""
         metrics: dict[str, float] = {}
+        train, test = self.data.labelled(final)
         if self.rank == 0:
             metrics.update(evaluate(
-                self.model, self.data.train, self.data.test, self.cfg.eval,
+                self.model, train, test, self.data.test.images, self.cfg.eval,
                 self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
             ))
-        if (self.data.train.labels >= 0).any():
+        if has_labels(train):
             metrics.update(finetune_metrics(
-                self.model, self.data.train, self.data.test, self.cfg.eval, final, self.device, self.cfg.seed,
+                self.model, train, test, self.cfg.eval, final, self.device, self.cfg.seed,
                 rank=self.rank, world_size=self.world_size, wrap_model=self.wrap_model, use_amp=self.use_amp,
             ))
         self.model.train()

@@ -96,7 +96,8 @@ def test_reference_rows_use_the_trials_initialisation_and_raw_pixels():
     for key in ("linear_probe_acc", "knn_acc", "finetune_acc"):
         assert random_init[key] == untrained[key], key
     pixels = evaluate_reference("raw_pixels", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
-    assert set(pixels) == {"linear_probe_acc", "knn_acc"}
+    assert set(pixels) == {"linear_probe_acc", "knn_acc", "eval_train_images", "eval_test_images"}
+    assert (pixels["eval_train_images"], pixels["eval_test_images"]) == (len(data.train), len(data.test))
     with pytest.raises(ValueError, match="unknown reference"):
         evaluate_reference("imagenet", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
 

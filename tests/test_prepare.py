@@ -168,8 +168,8 @@ def prepared_set(folder: Path, out: Path, resolution: int = 16, shard_size: int 
 def batches_of(manifest, steps, seed=0, epoch=0, rank=0, world_size=1, workers=0, batch_size=4):
     from mae_search.stream import PreparedSet
 
-    stream = PreparedSet(manifest, decode_workers=workers, shuffle_shards=2)
-    return [b.clone() for b in stream.batches(batch_size, steps, seed, epoch, rank, world_size)]
+    stream = PreparedSet(manifest, "train", decode_workers=workers, shuffle_shards=2)
+    return [b.clone() for b, _ in stream.batches(batch_size, steps, seed, epoch, rank, world_size)]
 
 
 def fingerprints(batches) -> list[bytes]:
@@ -207,13 +207,18 @@ def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, mic
 
     out = prepared_set(folder, tmp_path / "prepared")
     cfg = micro_cfg.with_overrides({"data": {"dataset": "prepared", "path": str(out / MANIFEST),
-                                             "decode_workers": 1}, "batch_size": 8, "epochs": 1})
+                                             "decode_workers": 1, "eval_images": 16}, "batch_size": 8, "epochs": 2})
     check_local_data(cfg.data)
     trainer = Trainer(cfg, device=torch.device("cpu"))
-    assert len(trainer.data.train) == 60 and len(trainer.data.test) == 18  # labelled subsets in memory
-    [metrics] = trainer.fit()
-    assert trainer.steps_per_epoch == 60 // 8 and np.isfinite(metrics["loss"])
-    assert 0.0 <= metrics["linear_probe_acc"] <= 1.0 and "knn_acc" in metrics
+    assert len(trainer.data.train) == 16 and len(trainer.data.test) == 16  # labelled subsets in memory
+    first, last = trainer.fit()
+    assert trainer.steps_per_epoch == 60 // 8 and np.isfinite(last["loss"])
+    assert 0.0 <= last["linear_probe_acc"] <= 1.0 and "knn_acc" in last and "finetune_acc" in last
+    # Epoch 1 is evaluated on the in-memory subsets, the last epoch on every labelled image, streamed.
+    assert (first["eval_train_images"], first["eval_test_images"]) == (16, 16)
+    assert (last["eval_train_images"], last["eval_test_images"]) == (60, 18)
+    subset = Trainer(cfg.with_overrides({"data.final_eval": "subset", "epochs": 1}), device=torch.device("cpu"))
+    assert subset.evaluate(final=True)["eval_test_images"] == 16
     bad = cfg.data.model_copy(update={"path": str(tmp_path / "nothing")})
     with pytest.raises(DataError, match="no manifest at"):
         check_local_data(bad)
@@ -221,6 +226,37 @@ def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, mic
                                       "patch_size": 8}})
     with pytest.raises(DataError, match="holds 16 px images but model.img_size is 32"):
         Trainer(small, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_evaluation_sees_what_the_in_memory_one_does(folder, tmp_path, micro_cfg, workers):
+    """Features, a classifier's accuracy and DDP parts of a streamed split equal those of the same images
+    decoded into memory: the last epoch's full evaluation measures what the subset one does, on more images."""
+    from torch import nn
+
+    from mae_search.evaluate import extract_features
+    from mae_search.finetune import classifier_accuracy
+    from mae_search.model import MaskedAutoencoderViT
+    from mae_search.stream import PreparedSet, load_labelled, ordered_batches
+
+    manifest = read_manifest(prepared_set(folder, tmp_path / "prepared"))
+    streamed = PreparedSet(manifest, "train", decode_workers=workers, shuffle_shards=2)
+    in_memory = load_labelled(manifest, "train", limit=10_000)
+    model = MaskedAutoencoderViT(micro_cfg.model.model_copy(update={"img_size": 16}))
+    (fs, ys), (fm, ym) = (extract_features(model, d, "cls", torch.device("cpu"), 4) for d in (streamed, in_memory))
+    order_s, order_m = (torch.argsort(f[:, 0] * 1e3 + y) for f, y in ((fs, ys), (fm, ym)))
+    assert len(fs) == len(in_memory) == 60 and torch.equal(ys[order_s], ym[order_m])
+    torch.testing.assert_close(fs[order_s], fm[order_m])
+
+    class MeanColour(nn.Module):  # the generated classes differ by brightness: 3 bins of the mean
+        def forward(self, x):
+            return nn.functional.one_hot(((x.mean((1, 2, 3)) + 2.1) / 1.4).long().clamp(0, 2), 3).float()
+
+    accuracies = [classifier_accuracy(MeanColour(), d, torch.device("cpu"), batch_size=7)
+                  for d in (streamed, in_memory)]
+    assert accuracies[0] == accuracies[1] > 0.5
+    parts = [[y for _, ys_ in ordered_batches(streamed, 8, rank, 2) for y in ys_.tolist()] for rank in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == sorted(in_memory.labels.tolist()) and parts[0] and parts[1]
 
 
 def test_prepared_images_are_the_in_memory_paths_up_to_jpeg(folder, tmp_path):
