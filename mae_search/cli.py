@@ -301,7 +301,8 @@ def report(
 
 @app.command()
 def prepare(
-    source: Annotated[Path, typer.Argument(help="ImageFolder tree (train/, val/), STL-10 or CIFAR-10 directory")],
+    source: Annotated[str, typer.Argument(help="ImageFolder tree (train/, val/), STL-10 or CIFAR-10 directory, "
+                                               "or synthetic_shapes (the embedded generated set)")],
     out: Annotated[str, typer.Argument(help="where the prepared set goes (local, shared, or s3://bucket/prefix)")],
     dataset: Annotated[str | None, typer.Option(help="imagefolder, stl10 or cifar10; default: from the layout")
                        ] = None,
@@ -311,25 +312,32 @@ def prepare(
     shard_size: Annotated[int, typer.Option(min=1, help="images per shard (one Ray task each)")] = 1000,
     address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
+    images: Annotated[int | None, typer.Option(min=16, help="synthetic_shapes only: training images (default "
+                                               "8000; the test split is 1/8 of it)")] = None,
 ) -> None:
     """Convert a data set once into Parquet shards + manifest.json, in parallel Ray tasks; a rerun keeps
     the shards that are complete and verified and makes the rest."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mae_search.data import DataError
-    from mae_search.prepare import NATIVE_RESOLUTION, PrepareSettings, detect_kind, plan_shards
+    from mae_search.prepare import NATIVE_RESOLUTION, SYNTHETIC, PrepareSettings, detect_kind, plan_shards
     from mae_search.prepare import prepare as prepare_set
     from mae_search.ray_search import init_ray
     from mae_search.storage import Location, check_writable
 
     try:
-        root = source.expanduser().resolve()
-        if not root.is_dir():
-            raise DataError(f"prepare: source {root} does not exist or is not a directory")
-        if dataset not in (None, "imagefolder", "stl10", "cifar10"):
-            raise DataError(f"prepare: --dataset {dataset}: expected imagefolder, stl10 or cifar10")
-        kind = dataset or detect_kind(root)
-        settings = PrepareSettings(kind, str(root), resolution or NATIVE_RESOLUTION[kind], quality)
+        if source == SYNTHETIC:
+            kind, root = SYNTHETIC, SYNTHETIC
+        else:
+            path = Path(source).expanduser().resolve()
+            if not path.is_dir():
+                raise DataError(f"prepare: source {path} does not exist or is not a directory")
+            if dataset not in (None, "imagefolder", "stl10", "cifar10"):
+                raise DataError(f"prepare: --dataset {dataset}: expected imagefolder, stl10 or cifar10")
+            if images is not None:
+                raise DataError("prepare: --images applies to synthetic_shapes only")
+            kind, root = dataset or detect_kind(path), str(path)
+        settings = PrepareSettings(kind, root, resolution or NATIVE_RESOLUTION[kind], quality, images)
         target = Location.of(out)
         check_writable(target)
         classes, plans = plan_shards(settings, shard_size)
@@ -338,7 +346,7 @@ def prepare(
     counts: dict[str, int] = {}
     for plan in plans:
         counts[plan.split] = counts.get(plan.split, 0) + (len(plan.items) or plan.stop - plan.start)
-    console.print(f"prepare {kind} {root} -> {target}: {settings.resolution} px, "
+    console.print(f"prepare {kind if root == kind else f'{kind} {root}'} -> {target}: {settings.resolution} px, "
                   + ", ".join(f"{split} {n}" for split, n in counts.items())
                   + f" images in {len(plans)} shards", highlight=False)
     console.print(init_ray(address, num_cpus), highlight=False)

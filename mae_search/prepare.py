@@ -21,6 +21,7 @@ ImageFolder path sees them (shorter side resized, centre crop), JPEG-encoded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -36,8 +37,10 @@ from mae_search.storage import Location
 
 FORMAT = "mae-search-prepared/1"
 MANIFEST = "manifest.json"
-SourceKind = Literal["imagefolder", "stl10", "cifar10"]
-NATIVE_RESOLUTION = {"stl10": 96, "cifar10": 32, "imagefolder": 224}
+SourceKind = Literal["imagefolder", "stl10", "cifar10", "synthetic_shapes"]
+NATIVE_RESOLUTION = {"stl10": 96, "cifar10": 32, "imagefolder": 224, "synthetic_shapes": 32}
+SYNTHETIC = "synthetic_shapes"  # the SOURCE that names the embedded generated set instead of a directory
+SYNTHETIC_SEEDS = {"train": 10_000, "test": 20_000}  # the in-memory set's for seed 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -49,6 +52,7 @@ class PrepareSettings:
     root: str
     resolution: int
     quality: int = 90
+    synthetic_images: int | None = None  # synthetic_shapes only: training images (the test split is 1/8)
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class ShardPlan:
         return f"{self.split}/shard-{self.index:05d}"
 
     def fingerprint(self, settings: PrepareSettings) -> str:
-        inputs = {"items": self.items, "range": [self.start, self.stop], "settings": asdict(settings)}
+        chosen = {k: v for k, v in asdict(settings).items() if v is not None}  # unset fields leave it unchanged
+        inputs = {"items": self.items, "range": [self.start, self.stop], "settings": chosen}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -127,8 +132,28 @@ def _cifar_root(root: Path) -> Path:
     return root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
 
 
-def array_splits(kind: SourceKind, root: Path) -> tuple[list[str], dict[str, int]]:
+def synthetic_counts(settings: PrepareSettings) -> dict[str, int]:
+    train = settings.synthetic_images or 8000
+    return {"train": train, "test": max(16, train // 8)}
+
+
+@functools.cache
+def _synthetic_split(split: str, count: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """A whole generated split (its images depend on its size, so a shard cannot be generated alone);
+    cached, as a task process makes several shards of it."""
+    from mae_search.data import synthetic_shapes
+
+    data = synthetic_shapes(count, resolution, seed=SYNTHETIC_SEEDS[split])
+    return data.images.permute(0, 2, 3, 1).contiguous().numpy(), data.labels.numpy()
+
+
+def array_splits(settings: PrepareSettings) -> tuple[list[str], dict[str, int]]:
     """Classes and image counts per split of the array formats (read from the file sizes and headers)."""
+    kind, root = settings.kind, Path(settings.root)
+    if kind == SYNTHETIC:
+        from mae_search.data import SHAPE_CLASSES
+
+        return list(SHAPE_CLASSES), synthetic_counts(settings)
     if kind == "stl10":
         stl = _stl_root(root)
         names = stl / "class_names.txt"
@@ -159,7 +184,7 @@ def plan_shards(settings: PrepareSettings, shard_size: int) -> tuple[list[str], 
             for i, start in enumerate(range(0, len(items), shard_size)):
                 plans.append(ShardPlan(split, i, items=tuple(items[start:start + shard_size])))
         return classes, plans
-    classes, counts = array_splits(settings.kind, root)
+    classes, counts = array_splits(settings)
     for split, count in counts.items():
         for i, start in enumerate(range(0, count, shard_size)):
             plans.append(ShardPlan(split, i, start=start, stop=min(count, start + shard_size)))
@@ -167,8 +192,12 @@ def plan_shards(settings: PrepareSettings, shard_size: int) -> tuple[list[str], 
 
 
 def _array_images(settings: PrepareSettings, plan: ShardPlan) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, H, W, 3) images and labels of an index range of STL-10 or CIFAR-10, reading only that range."""
+    """uint8 (n, H, W, 3) images and labels of an index range of STL-10 or CIFAR-10 (reading only that
+    range) or of the generated set."""
     root = Path(settings.root)
+    if settings.kind == SYNTHETIC:
+        images, labels = _synthetic_split(plan.split, synthetic_counts(settings)[plan.split], settings.resolution)
+        return images[plan.start:plan.stop], labels[plan.start:plan.stop]
     if settings.kind == "stl10":
         stl = _stl_root(root)
         file = {"train": "train_X.bin", "test": "test_X.bin", "unlabeled": "unlabeled_X.bin"}[plan.split]
