@@ -2,9 +2,10 @@
 
 Measured in one run on this machine, the two input paths side by side:
 
-- peak resident memory of one trial's data path (load, then one epoch of
-  batches) at 1x, 4x and 16x images: a fresh process per point, its own peak
-  and the largest decode worker's (forked, so they share pages with it);
+- peak resident memory of one whole trial (load, one epoch of the tiny model,
+  the last epoch's probe and k-NN: streamed, that reads every labelled image)
+  at 1x, 4x and 16x images: a fresh process per point, its own peak and the
+  largest decode worker's (forked, so they share pages with it);
 - decode + augment images/s on one core, and time to the first batch;
 - whether the tiny model's training step is input-bound with streaming (an
   epoch streamed through one decode worker against the same epoch in memory);
@@ -64,38 +65,35 @@ def prepare_in_process(source: Path, out: Path, resolution: int, shard_size: int
 
 
 def data_config(kind: str, path: Path, **extra) -> dict:
-    return {"dataset": kind, "path": str(path), "num_labelled": 1000, "eval_images": 1000, **extra}
+    """The in-memory path probes 1,000 labelled images; the streamed one 1,000 until its last epoch, then
+    every labelled image, streamed (``final_eval: full``, the default)."""
+    labelled = {"num_labelled": 1000} if kind != "prepared" else {}
+    return {"dataset": kind, "path": str(path), "eval_images": 1000, **labelled, **extra}
 
 
 # --------------------------------------------------------------------------- one point, in a fresh process
 
 
 def child(kind: str, path: str, resolution: int) -> None:
-    """Load the data as a trial does, run one epoch of batches, print peak RSS (MB) and timings as JSON."""
-    from mae_search.config import DataConfig, ModelConfig
-    from mae_search.data import ImageSet, load_data
+    """One whole trial as a Ray worker runs it (load, one epoch of the tiny model, the last epoch's probe
+    and k-NN); prints peak RSS (MB), the largest decode worker's, and timings as JSON."""
+    from mae_search.config import TrainConfig
+    from mae_search.train import Trainer
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    cfg = DataConfig.model_validate(data_config(kind, Path(path), decode_workers=2))
-    splits = load_data(cfg, ModelConfig(img_size=resolution, **TINY_MODEL))
-    first = None
-    batches = 0
-    if isinstance(splits.pretrain, ImageSet):
-        gen = torch.Generator().manual_seed(0)
-        for idx in torch.randperm(len(splits.pretrain), generator=gen).split(64):
-            splits.pretrain.images[idx].float().sum()
-            first = first or time.perf_counter() - start
-            batches += 1
-    else:
-        for batch in splits.pretrain.batches(64, len(splits.pretrain) // 64, seed=0, epoch=0):
-            batch.float().sum()
-            first = first or time.perf_counter() - start
-            batches += 1
+    cfg = TrainConfig.model_validate({
+        "model": {"img_size": resolution, **TINY_MODEL}, "batch_size": 64, "epochs": 1, "device": "cpu",
+        "data": data_config(kind, Path(path), decode_workers=2),
+        "eval": {"probe": {"epochs": 2}, "finetune": {"at": "never"}}})
+    trainer = Trainer(cfg)
+    next(iter(trainer.epoch_inputs(torch.Generator().manual_seed(0))))
+    first = time.perf_counter() - start
+    [metrics] = trainer.fit()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"rss_mb": own, "workers_mb": workers, "first_batch_s": first,
-                      "epoch_s": time.perf_counter() - start, "batches": batches}))
+                      "trial_s": time.perf_counter() - start, "eval_train_images": metrics["eval_train_images"]}))
 
 
 def measure(kind: str, path: Path, resolution: int) -> dict:
@@ -188,15 +186,20 @@ def main() -> None:
             memory = measure("imagefolder", folder, args.resolution)
             stream = measure("prepared", prepared, args.resolution)
             rows.append(f"| {args.base * factor} | {memory['rss_mb']:.0f} | {stream['rss_mb']:.0f} + "
-                        f"{stream['workers_mb']:.0f} | {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} |")
+                        f"{stream['workers_mb']:.0f} | {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} "
+                        f"| {memory['trial_s']:.0f} | {stream['trial_s']:.0f} | {stream['eval_train_images']:.0f} |")
         per_core = decode_throughput(sets[1][1], args.resolution)
         in_memory_s, streamed_s = input_bound(*sets[4], args.resolution)
         lines += [
             f"Generated JPEG ImageFolder (10 classes, 64-96 px sources, about 4 KB each), prepared at "
             f"{args.resolution} px in shards of 500; {machine()}.", "",
+            "One whole trial per row (tiny model, one epoch, then the probe and k-NN; in memory on 1,000 "
+            "labelled images, streamed on every labelled image, as `final_eval: full` does at the last epoch).",
+            "",
             "| train images | in memory: peak RSS (MB) | streamed: RSS + largest decode worker (MB) | "
-            "in memory: first batch (s) | streamed: first batch (s) |",
-            "|---|---|---|---|---|", *rows, "",
+            "in memory: first batch (s) | streamed: first batch (s) | in memory: trial (s) | streamed: trial (s) "
+            "| streamed: images probed |",
+            "|---|---|---|---|---|---|---|---|", *rows, "",
             f"Decode + crop/flip + normalise on one core: {per_core:.0f} images/s.",
             f"Tiny model, one epoch of {args.base * 4} images on one thread: in memory {in_memory_s:.1f} s, "
             f"streamed through one decode worker {streamed_s:.1f} s "

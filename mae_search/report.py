@@ -356,7 +356,11 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
                "evaluation of each seed's untrained encoder (fine-tuning it is training from scratch) and of raw "
                "pixels. Bold: a best setting whose paired 95% interval against the runner-up excludes zero. "
                "Δ: paired by seed against the baseline, mean with 95% t-interval.")
-    report.table(Table(name, headers, rows, None if best is None else first_setting + best, caption))
+    evaluated, mismatch = evaluation_sets(pd.concat([done, refs]))
+    report.table(Table(name, headers, rows, None if best is None else first_setting + best,
+                       f"{caption} {evaluated}".strip()))
+    if mismatch:
+        report.text(mismatch)
     if verdict:
         report.text(verdict)
     margins = reference_margins(groups, labels, refs)
@@ -367,6 +371,22 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     missing += [fmt_setting(s[0]) if len(s) == 1 else str(s) for s in declared if s not in settings]
     if missing:
         report.text(f"**Missing**: no finished trial yet for {', '.join(missing)}.")
+
+
+def evaluation_sets(rows: pd.DataFrame) -> tuple[str, str]:
+    """(what the probe and k-NN numbers were measured on, a warning when rows were measured on different
+    labelled sets). A prepared set's last epoch uses every labelled image, its earlier ones a subset, and a
+    search's rows are comparable only if all of them, reference rows included, used the same."""
+    if "eval_train_images" not in rows or rows["eval_train_images"].isna().all():
+        return "", ""  # recorded before the counts were
+    counts = rows[["eval_train_images", "eval_test_images"]].dropna()
+    sets = sorted({(int(a), int(b)) for a, b in counts.itertuples(index=False)})
+    if len(sets) == 1:
+        (train, test), = sets
+        return f"Probe and k-NN on {train:,} labelled training and {test:,} test images.", ""
+    listed = "; ".join(f"{a:,} / {b:,}" for a, b in sets)
+    return "", (f"**Not comparable**: these rows' probe and k-NN numbers come from different labelled sets "
+                f"(train / test images: {listed}).")
 
 
 def reference_cells(refs: pd.DataFrame, metrics: list[Metric]) -> list[tuple[str, pd.DataFrame, list[str]]]:
@@ -496,7 +516,10 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
              "optimised" if space.seed_averaged else "one seed each, so the order among close trials is not a finding")
     caption = ("Reference rows: the same evaluation of the untrained encoder (fine-tuning it is training from "
                f"scratch) and of raw pixels. Trials: final metrics of finished trials, best first ({seeds}).")
-    report.table(Table("best_trials", headers, rows, None, caption if first_trial else ""))
+    evaluated, mismatch = evaluation_sets(pd.concat([pd.concat(configs), refs]))
+    report.table(Table("best_trials", headers, rows, None, f"{caption} {evaluated}".strip() if first_trial else ""))
+    if mismatch:
+        report.text(mismatch)
 
 
 def _round(v: Any) -> Any:

@@ -67,7 +67,7 @@ def test_gpu_benchmark_path_runs_with_a_small_model_on_cpu():
 
 
 def test_prepared_data_benchmark_measures_both_input_paths(tmp_path):
-    from benchmarks.prepared_data import decode_throughput, input_bound, prepare_in_process, write_folder
+    from benchmarks.prepared_data import decode_throughput, input_bound, measure, prepare_in_process, write_folder
 
     folder = write_folder(tmp_path / "folder", 128, val=20)
     assert len(list((folder / "train").rglob("*.jpg"))) == 128
@@ -76,3 +76,5 @@ def test_prepared_data_benchmark_measures_both_input_paths(tmp_path):
     assert decode_throughput(prepared, 32, steps=2) > 0
     in_memory_s, streamed_s = input_bound(folder, prepared, 32)
     assert in_memory_s > 0 and streamed_s > 0
+    trial = measure("prepared", prepared, 32)  # a whole trial in a fresh process; its final probe streams all
+    assert trial["rss_mb"] > 100 and trial["workers_mb"] > 0 and trial["eval_train_images"] == 128

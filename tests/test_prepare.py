@@ -116,6 +116,30 @@ def test_prepare_rejects_a_missing_source_before_ray_starts(tmp_path):
     assert proc.returncode == 2 and "is not an ImageFolder tree" in proc.stdout
 
 
+def test_synthetic_shapes_prepare_as_the_embedded_set_and_images_is_theirs_alone(tmp_path, folder):
+    from mae_search.data import SHAPE_CLASSES, synthetic_shapes
+    from mae_search.prepare import write_manifest
+    from mae_search.stream import load_labelled
+
+    settings = PrepareSettings("synthetic_shapes", "synthetic_shapes", 32, synthetic_images=64)
+    classes, plans = plan_shards(settings, shard_size=24)
+    assert classes == list(SHAPE_CLASSES)
+    assert [(p.split, p.stop - p.start) for p in plans] == [("train", 24), ("train", 24), ("train", 16), ("test", 16)]
+    target = Location.of(tmp_path / "shapes")
+    write_manifest(settings, target, classes, plans, {p.stem: prepare_shard(settings, p, target) for p in plans})
+    manifest = read_manifest(tmp_path / "shapes")
+    # Shard by shard, the same images as the in-memory set of seed 0 (up to JPEG), with their labels.
+    for split, seed in (("train", 10_000), ("test", 20_000)):
+        stored, expected = load_labelled(manifest, split, 1000), synthetic_shapes(64 if split == "train" else 16,
+                                                                                   32, seed=seed)
+        assert torch.equal(stored.labels, expected.labels)
+        # JPEG drops the pixel noise (std 7.6 grey levels), not the shapes: 4 x 4 averages agree closely.
+        pooled = [torch.nn.functional.avg_pool2d(x.images.float(), 4) for x in (stored, expected)]
+        assert (pooled[0] - pooled[1]).abs().mean() < 3.0
+    proc = cli("prepare", str(folder), str(tmp_path / "out"), "--images", "100", check=False, timeout=120)
+    assert proc.returncode == 2 and "--images applies to synthetic_shapes only" in proc.stdout
+
+
 @pytest.mark.slow
 def test_prepare_command_runs_in_ray_tasks_and_resumes(folder, tmp_path):
     """The command a user runs: every image prepared (the corrupt one named and counted), then a rerun that

@@ -48,11 +48,14 @@ def new_search(tmp_path: Path, text: str):
     return space, space_file, search_dir
 
 
-def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(), seeds: tuple = (0, 1)):
-    """Feed synthetic per-epoch results (and reference rows) through the callbacks a real search uses."""
+def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(), seeds: tuple = (0, 1),
+           counts: dict[str, float] | None = None, ref_counts: dict[str, float] | None = None):
+    """Feed synthetic per-epoch results (and reference rows) through the callbacks a real search uses;
+    ``counts``/``ref_counts``: the evaluation set sizes the trials' last epochs and the references report."""
     space, space_file, search_dir = new_search(tmp_path, SPACE_TEMPLATE.replace("SEEDS", str(list(seeds))))
     record_references(search_dir, space.name, [
-        (kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc})
+        (kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc,
+                                        **(ref_counts or counts or {})})
         for seed in seeds for kind, acc in (("random_init", 0.2), ("raw_pixels", 0.15))])
     callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -75,7 +78,7 @@ def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(
                       "linear_probe_acc": acc, "knn_acc": acc - 0.05, "mse": 1.0 - acc, "loss": 1.0 - acc,
                       "psnr": 10 + 10 * acc, "masked_hf_error": 0.3 - acc / 10, "mask_ratio": ratio,
                       "pretrain_time_s": 10.0 * epoch * (1 - ratio) + seed, "throughput_img_s": 100.0 / (1 - ratio),
-                      "time_total_s": 20.0 * epoch}
+                      "time_total_s": 20.0 * epoch, **(counts if counts and epoch == last_epoch else {})}
             for cb in callbacks:
                 cb.on_trial_result(0, [], trial, result)
         for cb in callbacks:
@@ -115,6 +118,20 @@ def test_ablation_table_means_best_and_stopped(tmp_path):
     assert csv.shape[0] == 5  # two reference rows, three settings
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "src='factor.png'" not in html
+
+
+def test_the_table_says_which_labelled_images_its_numbers_come_from(tmp_path):
+    full = {"eval_train_images": 8000.0, "eval_test_images": 1000.0}
+    search_dir, _ = record(tmp_path / "same", with_mlflow=False, counts=full)
+    md = write_report([load_from_dir(search_dir)], tmp_path / "same" / "out", "cmd").read_text()
+    assert "Probe and k-NN on 8,000 labelled training and 1,000 test images." in md and "Not comparable" not in md
+    # References evaluated on a subset while the trials' last epochs used the full set: said, not hidden.
+    subset = {"eval_train_images": 1000.0, "eval_test_images": 1000.0}
+    search_dir, _ = record(tmp_path / "mixed", with_mlflow=False, counts=full, ref_counts=subset)
+    md = write_report([load_from_dir(search_dir)], tmp_path / "mixed" / "out", "cmd").read_text()
+    assert "**Not comparable**: these rows' probe and k-NN numbers come from different labelled sets (train / " \
+           "test images: 1,000 / 1,000; 8,000 / 1,000)." in md
+    assert "Probe and k-NN on" not in md
 
 
 def test_best_is_bold_only_when_separated_from_the_runner_up(tmp_path):
