@@ -64,9 +64,11 @@ class DataSplits:
     def labelled(self, final: bool) -> tuple[ImageSet | PreparedSet, ImageSet | PreparedSet]:
         """The (train, test) an evaluation uses: the whole splits at the last epoch where there are
         streamed ones, else the in-memory ones."""
+        train, test = self.train, self.test
         if final:
-            return self.full_train or self.train, self.full_test or self.test
-        return self.train, self.test
+            train = self.full_train if self.full_train is not None else train
+            test = self.full_test if self.full_test is not None else test
+        return train, test
 
 
 # --------------------------------------------------------------------------- synthetic
