@@ -15,7 +15,9 @@
 * a PNG grid: original | masked | reconstruction | reconstruction + visible.
 
 The reference rows -- the same seed's random initialisation and raw pixels --
-go through the very same functions (:func:`evaluate_reference`).
+go through the very same functions (:func:`evaluate_reference`). A split is
+in memory or streamed from a prepared set (:mod:`mae_search.stream`); either
+way the probe and k-NN hold only its features.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ checksum (verified in the tasks, in parallel), and makes the others again. An
 unreadable source image is skipped, named in the receipt and the manifest, and
 counted; it does not stop the run. The images are stored as the in-memory
 ImageFolder path sees them (shorter side resized, centre crop), JPEG-encoded.
+The embedded generated set (``synthetic_shapes``) can be prepared too, as the
+images a search of seed 0 generates, so the streamed path runs without a
+download (``search_spaces/imagenet100_tiny.yaml``).
 """
 
 from __future__ import annotations
