@@ -141,6 +141,14 @@ def feature_metrics(train: Features, test: Features, cfg: EvalConfig, seed: int)
     }
 
 
+def encoder_metrics(model: MaskedAutoencoderViT, train: Labelled, test: Labelled, cfg: EvalConfig,
+                    device: torch.device, seed: int) -> dict[str, float]:
+    """Linear probe and k-NN on the frozen encoder's features (a trial's and the random-init reference's)."""
+    pool = cfg.probe.pool
+    return feature_metrics(extract_features(model, train, pool, device), extract_features(model, test, pool, device),
+                           cfg, seed)
+
+
 @torch.no_grad()
 def reconstruct(
     model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, norm_pix: bool
@@ -254,8 +262,7 @@ def evaluate(
     """
     metrics: dict[str, float] = {}
     if has_labels(train):
-        tr = extract_features(model, train, cfg.probe.pool, device)
-        metrics.update(feature_metrics(tr, extract_features(model, test, cfg.probe.pool, device), cfg, seed))
+        metrics.update(encoder_metrics(model, train, test, cfg, device, seed))
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
@@ -275,6 +282,5 @@ def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, test:
         raise ValueError(f"unknown reference '{kind}' (known: {', '.join(REFERENCE_KINDS)})")
     torch.manual_seed(seed)  # the same initialisation as a trial of this seed (see Trainer)
     model = MaskedAutoencoderViT(model_cfg).to(device)
-    tr = extract_features(model, train, cfg.probe.pool, device)
-    metrics = feature_metrics(tr, extract_features(model, test, cfg.probe.pool, device), cfg, seed)
+    metrics = encoder_metrics(model, train, test, cfg, device, seed)
     return {**metrics, **finetune_metrics(model, train, test, cfg, True, device, seed)}
