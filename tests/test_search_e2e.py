@@ -176,8 +176,13 @@ max_concurrent_trials: 1
 """
 
 
-def _checkpoint_times(run_dir: Path) -> list[float]:
-    return sorted(p.stat().st_mtime for p in run_dir.glob("checkpoint_*"))
+def _training_span(run_dir: Path, first_epoch_s: float) -> tuple[float, float]:
+    """When a seed's training began (its first checkpoint's time less that epoch's duration) and ended
+    (its last checkpoint's time). Run one after the other, the second seed would begin only after the
+    first one's task had ended, its final evaluation included."""
+    times = sorted(p.stat().st_mtime for p in run_dir.glob("checkpoint_*"))
+    assert times, f"no checkpoint in {run_dir}"
+    return times[0] - first_epoch_s, times[-1]
 
 
 def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path):
@@ -185,7 +190,9 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     import optuna
 
     storage = tmp_path / "results"
-    space = micro_space(tmp_path, "avg", SEED_AVERAGED_BODY, epochs=3, num_train=256)
+    # 4096 images: epochs long enough (the span about 2 s on 2 cores) that the seeds' overlap is not within
+    # the jitter of their tasks' start-up.
+    space = micro_space(tmp_path, "avg", SEED_AVERAGED_BODY, epochs=3, num_train=4096)
     out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2")
     assert "3 trials x 2 seeds" in out.stdout
     df = read_results(storage / "avg")
@@ -201,11 +208,12 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     # ASHA compared means: the poor learning rate was stopped at its first rung, on both seeds.
     bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
     assert bad["status"].tolist() == ["stopped_early"] * 2 and bad["epoch"].tolist() == [1, 1]
-    # The two seeds of a trial trained side by side on the 2 cores (their checkpoints interleave in time).
+    # The two seeds of a trial trained side by side on the 2 cores (their training spans overlap).
     good = final[np.isclose(final["param.optim.blr"], 5e-3)]["tune_trial_id"].iloc[0]
     runs = storage / "avg" / "train_runs"
-    seed0, seed1 = _checkpoint_times(runs / f"{good}-seed0"), _checkpoint_times(runs / f"{good}-seed1")
-    assert seed0 and seed1 and seed1[0] < seed0[-1] and seed0[0] < seed1[-1]
+    first_epoch_s = df[(df["tune_trial_id"] == good) & (df["epoch"] == 1)].set_index("seed")["epoch_time_s"]
+    (start0, end0), (start1, end1) = (_training_span(runs / f"{good}-seed{s}", first_epoch_s[s]) for s in (0, 1))
+    assert start1 < end0 and start0 < end1, ((start0, end0), (start1, end1))
     # MLflow: a child run per seed, every epoch logged once.
     client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name("avg")
