@@ -4,8 +4,9 @@ Measured in one run on this machine, the two input paths side by side:
 
 - peak resident memory of one whole trial (load, one epoch of the tiny model,
   the last epoch's probe and k-NN: streamed, that reads every labelled image)
-  at 1x, 4x and 16x images: a fresh process per point, its own peak and the
-  largest decode worker's (forked, so they share pages with it);
+  at 1x, 4x and 16x images, a fresh process per point: its peak RSS, the peak
+  PSS summed over it and its decode workers (forked, they share pages with it,
+  which RSS counts in each), and the largest worker's unique memory;
 - decode + augment images/s on one core, and time to the first batch;
 - whether the tiny model's training step is input-bound with streaming (an
   epoch streamed through one decode worker against the same epoch in memory);
@@ -24,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,13 +76,48 @@ def data_config(kind: str, path: Path, **extra) -> dict:
 # --------------------------------------------------------------------------- one point, in a fresh process
 
 
+class PeakMemory:
+    """Samples this process and its children (the decode workers) every 50 ms, from a thread.
+
+    A forked worker's RSS counts every page it shares with its parent, so the
+    sum of RSS over-counts; PSS splits each shared page among its sharers, and its
+    sum over the processes is what the trial costs the machine. USS is a worker's
+    own pages only."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process, self.psutil = psutil.Process(), psutil
+        self.pss = self.worker_uss = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.05):
+            try:
+                own = self.process.memory_full_info().pss
+                workers = [c.memory_full_info() for c in self.process.children(recursive=True)]
+            except self.psutil.Error:  # a worker ended between the listing and the read
+                continue
+            self.pss = max(self.pss, own + sum(w.pss for w in workers))
+            self.worker_uss = max([self.worker_uss, *(w.uss for w in workers)])
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.thread.join()
+        return {"pss_mb": self.pss / 2**20, "worker_uss_mb": self.worker_uss / 2**20,
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def child(kind: str, path: str, resolution: int) -> None:
     """One whole trial as a Ray worker runs it (load, one epoch of the tiny model, the last epoch's probe
-    and k-NN); prints peak RSS (MB), the largest decode worker's, and timings as JSON."""
+    and k-NN); prints its peak memory (MB) and timings as JSON."""
     from mae_search.config import TrainConfig
     from mae_search.train import Trainer
 
     torch.set_num_threads(1)
+    memory = PeakMemory()
     start = time.perf_counter()
     cfg = TrainConfig.model_validate({
         "model": {"img_size": resolution, **TINY_MODEL}, "batch_size": 64, "epochs": 1, "device": "cpu",
@@ -90,10 +127,8 @@ def child(kind: str, path: str, resolution: int) -> None:
     next(iter(trainer.epoch_inputs(torch.Generator().manual_seed(0))))
     first = time.perf_counter() - start
     [metrics] = trainer.fit()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"rss_mb": own, "workers_mb": workers, "first_batch_s": first,
-                      "trial_s": time.perf_counter() - start, "eval_train_images": metrics["eval_train_images"]}))
+    print(json.dumps({**memory.stop(), "first_batch_s": first, "trial_s": time.perf_counter() - start,
+                      "eval_train_images": metrics["eval_train_images"]}))
 
 
 def measure(kind: str, path: Path, resolution: int) -> dict:
@@ -185,8 +220,9 @@ def main() -> None:
         for factor, (folder, prepared) in sets.items():
             memory = measure("imagefolder", folder, args.resolution)
             stream = measure("prepared", prepared, args.resolution)
-            rows.append(f"| {args.base * factor} | {memory['rss_mb']:.0f} | {stream['rss_mb']:.0f} + "
-                        f"{stream['workers_mb']:.0f} | {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} "
+            rows.append(f"| {args.base * factor} | {memory['rss_mb']:.0f} | {memory['pss_mb']:.0f} "
+                        f"| {stream['rss_mb']:.0f} | {stream['pss_mb']:.0f} | {stream['worker_uss_mb']:.0f} "
+                        f"| {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} "
                         f"| {memory['trial_s']:.0f} | {stream['trial_s']:.0f} | {stream['eval_train_images']:.0f} |")
         per_core = decode_throughput(sets[1][1], args.resolution)
         in_memory_s, streamed_s = input_bound(*sets[4], args.resolution)
@@ -196,10 +232,13 @@ def main() -> None:
             "One whole trial per row (tiny model, one epoch, then the probe and k-NN; in memory on 1,000 "
             "labelled images, streamed on every labelled image, as `final_eval: full` does at the last epoch).",
             "",
-            "| train images | in memory: peak RSS (MB) | streamed: RSS + largest decode worker (MB) | "
-            "in memory: first batch (s) | streamed: first batch (s) | in memory: trial (s) | streamed: trial (s) "
-            "| streamed: images probed |",
-            "|---|---|---|---|---|---|---|---|", *rows, "",
+            "Memory in MB: peak RSS of the trial's process; peak PSS summed over the process and its decode "
+            "workers (shared pages counted once: what the trial costs the machine); the largest decode worker's "
+            "unique memory (USS).", "",
+            "| train images | in memory: RSS | in memory: PSS | streamed: RSS | streamed: PSS with workers | "
+            "streamed: worker USS | in memory: first batch (s) | streamed: first batch (s) | in memory: trial (s) "
+            "| streamed: trial (s) | streamed: images probed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
             f"Decode + crop/flip + normalise on one core: {per_core:.0f} images/s.",
             f"Tiny model, one epoch of {args.base * 4} images on one thread: in memory {in_memory_s:.1f} s, "
             f"streamed through one decode worker {streamed_s:.1f} s "

@@ -144,6 +144,15 @@ class OrderedStream(IterableDataset):
                 yield _decode_batch(rows[start:start + self.batch_size])
 
 
+def _release_shard_buffers(worker_id: int) -> None:
+    """Parquet reads in a decode worker allocate from the system's allocator, not Arrow's default
+    (mimalloc), which keeps freed shard buffers: a worker streaming an epoch then drifts by tens of MB,
+    where with the system allocator it stays within a few (benchmarks/RESULTS.md, prepared_data)."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 class PreparedSet:
     """One split of a prepared set, streamed: what a loop iterates instead of an in-memory ImageSet."""
 
@@ -164,7 +173,8 @@ class PreparedSet:
     def _loader(self, stream: IterableDataset) -> DataLoader:
         workers = self.decode_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None)
+                          prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None,
+                          worker_init_fn=_release_shard_buffers if workers else None)
 
     def batches(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
