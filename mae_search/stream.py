@@ -146,8 +146,9 @@ class OrderedStream(IterableDataset):
 
 def _release_shard_buffers(worker_id: int) -> None:
     """Parquet reads in a decode worker allocate from the system's allocator, not Arrow's default
-    (mimalloc), which keeps freed shard buffers: a worker streaming an epoch then drifts by tens of MB,
-    where with the system allocator it stays within a few (benchmarks/RESULTS.md, prepared_data)."""
+    (mimalloc), which keeps freed shard buffers: streaming three epochs of 16,000 images, a process's
+    unique memory wandered between +79 and +112 MB with mimalloc and stayed within +63 to +70 MB with
+    the system allocator."""
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
