@@ -131,10 +131,16 @@ def child(kind: str, path: str, resolution: int) -> None:
                       "eval_train_images": metrics["eval_train_images"]}))
 
 
-def measure(kind: str, path: Path, resolution: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.prepared_data", "--child", kind, str(path),
-                          "--resolution", str(resolution)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(kind: str, path: Path, resolution: int, repeats: int = 3) -> dict:
+    """The median of each number over ``repeats`` fresh trials: one trial's peak memory varies by about
+    +-100 MB from run to run (allocator state, which pages the sampler catches), more than the
+    differences between data-set sizes being measured."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.prepared_data", "--child", kind, str(path),
+                              "--resolution", str(resolution)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
 
 
 # --------------------------------------------------------------------------- throughput and input-bound
@@ -230,7 +236,8 @@ def main() -> None:
             f"Generated JPEG ImageFolder (10 classes, 64-96 px sources, about 4 KB each), prepared at "
             f"{args.resolution} px in shards of 500; {machine()}.", "",
             "One whole trial per row (tiny model, one epoch, then the probe and k-NN; in memory on 1,000 "
-            "labelled images, streamed on every labelled image, as `final_eval: full` does at the last epoch).",
+            "labelled images, streamed on every labelled image, as `final_eval: full` does at the last epoch); "
+            "each number the median of 3 trials.",
             "",
             "Memory in MB: peak RSS of the trial's process; peak PSS summed over the process and its decode "
             "workers (shared pages counted once: what the trial costs the machine); the largest decode worker's "
