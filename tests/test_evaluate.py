@@ -1,13 +1,14 @@
-"""Feature evaluation: pooled features in their own memory, the k-NN weighted vote, and the same k-NN answer
+"""Feature evaluation: features collected in one buffer, the k-NN weighted vote, and the same k-NN answer
 however the similarities are blocked."""
 
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mae_search.evaluate import knn_accuracy, nearest, pooled
+from mae_search.evaluate import collect_features, extract_features, knn_accuracy, nearest
 
 
 def unit(degrees: float) -> list[float]:
@@ -56,11 +57,50 @@ def test_k_larger_than_the_training_set_uses_every_feature():
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_pooled_features_do_not_keep_the_token_tensor_alive(pool):
-    tokens = torch.randn(8, 65, 32)
-    feature = pooled(tokens, pool)
-    assert feature.shape == (8, 32) and feature.dtype == torch.float32
-    # Its own storage of 8 x 32 floats, not a view into the 8 x 65 x 32 tokens.
-    assert feature.untyped_storage().nbytes() == 8 * 32 * 4
+def test_features_are_written_into_one_buffer_not_kept_with_their_tokens(micro_cfg, pool):
+    from mae_search.data import ImageSet, normalize
+    from mae_search.model import MaskedAutoencoderViT
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(micro_cfg.model)
+    size = micro_cfg.model.img_size
+    images = torch.randint(0, 256, (10, 3, size, size), dtype=torch.uint8)
+    data = ImageSet(images, torch.arange(10) % 3, ("a", "b", "c"))
+    feats, labels = extract_features(model, data, pool, torch.device("cpu"), batch_size=4)
+    with torch.no_grad():
+        tokens = model.eval().forward_features(normalize(data.images))
     expected = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-    assert torch.equal(feature, expected)
+    torch.testing.assert_close(feats, expected)
+    assert torch.equal(labels, data.labels)
+    # Three batches, one allocation of 10 x D floats: neither the batches' (B, 1 + L, D) tokens nor a second
+    # copy made by joining per-batch pieces.
+    assert feats.untyped_storage().nbytes() == 10 * model.cfg.embed_dim * 4
+
+
+def test_a_batch_tokens_are_freed_before_the_next_batch_is_read():
+    alive = []
+
+    def featurize(images):
+        tokens = torch.randn(len(images), 65, 8)
+        alive.append(weakref.ref(tokens))
+        return tokens[:, 0]  # a view: it keeps all the tokens alive as long as it lives
+
+    def batches():
+        for i in range(3):
+            assert all(ref() is None for ref in alive), f"batch {i - 1}'s tokens outlived it"
+            yield torch.zeros(4, 1), torch.zeros(4, dtype=torch.int64)
+
+    feats, _ = collect_features(batches(), count=12, featurize=featurize)
+    assert feats.shape == (12, 8) and len(alive) == 3
+
+
+def test_more_images_than_announced_grow_the_buffer_and_none_is_lost():
+    batches = [(torch.full((3, 2), float(i)), torch.full((3,), i)) for i in range(4)]
+    feats, labels = collect_features(batches, count=2, featurize=lambda x: x)
+    assert feats.shape == (12, 2) and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert torch.equal(feats[:, 0], labels.float())
+
+
+def test_an_empty_split_is_named_not_a_shape_error():
+    with pytest.raises(ValueError, match="split is empty"):
+        collect_features([], count=0, featurize=lambda x: x)
