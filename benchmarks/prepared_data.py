@@ -4,7 +4,7 @@ Measured in one run on this machine, the two input paths side by side:
 
 - peak resident memory of one whole trial (load, one epoch of the tiny model,
   the last epoch's probe and k-NN: streamed, that reads every labelled image)
-  at 1x, 4x and 16x images, a fresh process per point: its peak RSS, the peak
+  at 1x, 4x, 16x and 64x images, a fresh process per point: its peak RSS, the peak
   PSS summed over it and its decode workers (forked, they share pages with it,
   which RSS counts in each), and the largest worker's unique memory;
 - decode + augment images/s on one core, and time to the first batch;
@@ -14,7 +14,7 @@ Measured in one run on this machine, the two input paths side by side:
   decoding the ImageFolder in every trial (wall time, and CPU-seconds of the
   search's process tree).
 
-    python -m benchmarks.prepared_data [--base 1000] [--resolution 64]
+    python -m benchmarks.prepared_data [--base 1000] [--resolution 64] [--factors 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -143,6 +143,18 @@ def measure(kind: str, path: Path, resolution: int, repeats: int = 3) -> dict:
     return {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
 
 
+def growth(points: dict[int, tuple[dict, dict]], base: int, resolution: int) -> str:
+    """One sentence: how each path's peak memory moved between the two largest sizes."""
+    small, large = sorted(points)[-2:]
+    added = (large - small) * base
+    (mem_s, str_s), (mem_l, str_l) = points[small], points[large]
+    return (f"From {small * base:,} to {large * base:,} images ({added:,} more: "
+            f"{added * 3 * resolution**2 / 2**20:.0f} MB as decoded uint8) the in-memory trial's peak RSS moved "
+            f"{mem_l['rss_mb'] - mem_s['rss_mb']:+.0f} MB, the streamed trial's "
+            f"{str_l['rss_mb'] - str_s['rss_mb']:+.0f} MB (PSS with its decode workers "
+            f"{str_l['pss_mb'] - str_s['pss_mb']:+.0f} MB).")
+
+
 # --------------------------------------------------------------------------- throughput and input-bound
 
 
@@ -208,6 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=int, default=1000, help="images at 1x")
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16, 64],
+                        help="data-set sizes, in multiples of --base (4x is used for the throughput and search parts)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--no-search", action="store_true", help="skip the 4-trial searches (about 3 minutes)")
     args = parser.parse_args()
@@ -218,14 +232,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets, prepare_s = {}, {}
-        for factor in (1, 4, 16):
+        for factor in sorted(set(args.factors) | {1, 4}):
             folder = write_folder(tmp / f"folder{factor}", args.base * factor)
             start = time.perf_counter()
             sets[factor] = (folder, prepare_in_process(folder, tmp / f"prepared{factor}", args.resolution))
             prepare_s[factor] = time.perf_counter() - start
+        points = {}
         for factor, (folder, prepared) in sets.items():
             memory = measure("imagefolder", folder, args.resolution)
             stream = measure("prepared", prepared, args.resolution)
+            points[factor] = memory, stream
             rows.append(f"| {args.base * factor} | {memory['rss_mb']:.0f} | {memory['pss_mb']:.0f} "
                         f"| {stream['rss_mb']:.0f} | {stream['pss_mb']:.0f} | {stream['worker_uss_mb']:.0f} "
                         f"| {memory['first_batch_s']:.1f} | {stream['first_batch_s']:.1f} "
@@ -246,6 +262,7 @@ def main() -> None:
             "streamed: worker USS | in memory: first batch (s) | streamed: first batch (s) | in memory: trial (s) "
             "| streamed: trial (s) | streamed: images probed |",
             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+            growth(points, args.base, args.resolution), "",
             f"Decode + crop/flip + normalise on one core: {per_core:.0f} images/s.",
             f"Tiny model, one epoch of {args.base * 4} images on one thread: in memory {in_memory_s:.1f} s, "
             f"streamed through one decode worker {streamed_s:.1f} s "
