@@ -300,6 +300,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Its gRPC servers bind every interface (Ray 2.60); Ray's token authentication, on by default for a
+        # local instance, refuses callers without ~/.ray/auth_token (tests/test_ray_security.py). Setting
+        # RAY_AUTH_MODE=token here ourselves is not the same: Ray 2.60's driver then reaches its own GCS
+        # without the token and start-up times out.
         # The dashboard process also serves the State API, which Train V2's
         # placement-group cleaner needs to notice a finished trial.
         ray.init(num_cpus=num_cpus, **kwargs)
