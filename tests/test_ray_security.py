@@ -12,14 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 START_LOCAL = textwrap.dedent("""
-    import subprocess, sys
+    import os, subprocess, sys
     import ray
     from mae_search.ray_search import init_ray
     init_ray(None, 1)
-    join = "import ray; ray.init(address=sys.argv[1]); print('JOINED')"
+    join = "import sys, ray; ray.init(address=sys.argv[1]); print('JOINED')"
     for mode in ("disabled", "token"):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-        out = subprocess.run([sys.executable, "-c", "import sys; " + join, ray.get_runtime_context().gcs_address],
+        out = subprocess.run([sys.executable, "-c", join, ray.get_runtime_context().gcs_address],
                              env={**env, "RAY_AUTH_MODE": mode}, capture_output=True, text=True, timeout=120)
         print(mode, "JOINED" in out.stdout, "InvalidAuthToken" in out.stderr)
     ray.shutdown()
@@ -28,7 +28,7 @@ START_LOCAL = textwrap.dedent("""
 
 def test_a_local_instance_refuses_a_caller_without_the_token():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    out = subprocess.run([sys.executable, "-c", "import os\n" + START_LOCAL], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", START_LOCAL], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
