@@ -22,6 +22,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ from mae_search.search_space import SearchSpace
 from mae_search.seed_run import reference_task
 from mae_search.storage import OPTUNA_DB, Location, optuna_db, restore_sqlite_copies, save_sqlite_copies
 from mae_search.trial import run_trial
+
+# Ray's switch for its single-machine mode (see loopback_node).
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # The Tune-side driver of a trial only waits on its seeds' runs. It takes no
 # CPU (Tune refuses an empty bundle, so it holds a token 1 MB of memory), which
@@ -290,6 +295,7 @@ def local_resources(num_cpus: int | None) -> dict[str, float]:
 def init_ray(address: str | None, num_cpus: int | None = None) -> str:
     """Join ``address`` (``auto``, ``ray://host:10001``), or start a local instance for this search.
 
+    A local instance listens on loopback only; other interfaces belong to a cluster that is joined.
     Returns a one-line description of the cluster for the user.
     """
     if ray.is_initialized():
@@ -300,14 +306,40 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # Its gRPC servers bind every interface (Ray 2.60); Ray's token authentication, on by default for a
-        # local instance, refuses callers without ~/.ray/auth_token (tests/test_ray_security.py). Setting
-        # RAY_AUTH_MODE=token here ourselves is not the same: Ray 2.60's driver then reaches its own GCS
-        # without the token and start-up times out.
         # The dashboard process also serves the State API, which Train V2's
         # placement-group cleaner needs to notice a finished trial.
-        ray.init(num_cpus=num_cpus, **kwargs)
+        with loopback_node():
+            ray.init(num_cpus=num_cpus, **kwargs)
     return describe_cluster(f"Ray: joined the cluster at {address}" if address else "Ray: started a local instance")
+
+
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """While a local Ray instance starts inside, give its node the address 127.0.0.1.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, object manager, every worker) to all interfaces
+    unless the node's address is 127.0.0.1, and on Linux it takes that address from the route
+    out: ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into it. Ray's single-machine
+    mode, the default on macOS and Windows and switched by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    uses 127.0.0.1. The processes ``ray.init`` starts inherit the variable; the driver read it at
+    import, so its copy is set too. Both are put back afterwards, so a later ``--address`` join in
+    the same process is unaffected. Token authentication stays on as well
+    (tests/test_ray_security.py checks both).
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(LOCAL_ONLY_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
 
 
 def describe_cluster(prefix: str) -> str:

@@ -100,12 +100,14 @@ def seed_trainer(space: SearchSpace, storage: Location, trial_id: str, cfg: Trai
     trial's run restores from its own checkpoints."""
     import ray.train.torch  # torch: imported by the trials that train with Ray Train only
 
+    from mae_search.ddp import LoopbackTorchConfig
     from mae_search.seed_run import SeedReportCallback, train_loop_per_worker
 
     res = space.resources
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(space, cfg),
+        torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers,
             use_gpu=res.gpus_per_worker > 0,

@@ -141,8 +141,9 @@ def test_search_joins_an_existing_cluster(tmp_path):
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        space = micro_space(tmp_path, "joined", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n",
-                            epochs=1)
+        # As a Ray Train run: on a cluster's node its process group is Ray Train's own (see mae_search.ddp).
+        space = micro_space(tmp_path, "joined", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n"
+                            "resources: {runner: ray_train}\n", epochs=1)
         out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", "auto", "--no-mlflow")
         assert "Ray: joined the cluster at auto (1 node(s), 2 CPU, 0 GPU)" in out.stdout
         assert (read_results(tmp_path / "results" / "joined")["status"] == "completed").all()
