@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import machine, write_section
 from mae_search.config import TrainConfig
-from mae_search.ray_search import run_search
+from mae_search.ray_search import loopback_node, run_search
 from mae_search.results import ResultsTableCallback, final_rows, read_results
 from mae_search.search_space import parse_search_space
 from mae_search.train import Trainer
@@ -58,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     args = parser.parse_args()
-    ray.init(num_cpus=2, configure_logging=False)
+    with loopback_node():  # as a search's own local instance
+        ray.init(num_cpus=2, configure_logging=False)
     with tempfile.TemporaryDirectory() as tmp:
         storage = Path(tmp)
         asha_wall, asha = search("eff-asha", {"type": "asha", "grace_period": 1, "reduction_factor": 2},

@@ -35,7 +35,7 @@ import ray
 from ray import tune
 
 from benchmarks.common import machine, write_section
-from mae_search.ray_search import run_search
+from mae_search.ray_search import loopback_node, run_search
 from mae_search.search_space import parse_search_space
 
 TINY = {
@@ -150,7 +150,8 @@ def main() -> None:
         "tiny mae-search trial, runner ray_train (before)": lambda n, s: tiny_search(n, "ray_train", args.trials, s),
         "tiny mae-search trial, runner ray_task (now)": lambda n, s: tiny_search(n, "ray_task", args.trials, s),
     }
-    ray.init(num_cpus=2, configure_logging=False, log_to_driver=False)
+    with loopback_node():  # as a search's own local instance
+        ray.init(num_cpus=2, configure_logging=False, log_to_driver=False)
     results: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
