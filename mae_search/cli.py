@@ -107,7 +107,8 @@ def search(
     ),
     storage: Annotated[str, typer.Option(
         help="results root: a local dir, a shared filesystem, or an object store (s3://bucket/prefix)")] = "results",
-    address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
+    address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="existing Ray cluster: auto or "
+                                                 "ray://host:10001 (none: a local instance, on loopback)")] = None,
     resume: Annotated[bool, typer.Option(help="resume an interrupted search; finished trials are not rerun")] = False,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override base config: data.path=/data")] = None,
@@ -310,7 +311,8 @@ def prepare(
         min=8, help="square side in pixels; default 224 for ImageFolder, the native size for STL-10/CIFAR-10")] = None,
     quality: Annotated[int, typer.Option(min=50, max=100, help="JPEG quality of the stored images")] = 90,
     shard_size: Annotated[int, typer.Option(min=1, help="images per shard (one Ray task each)")] = 1000,
-    address: Annotated[str | None, typer.Option(help="existing Ray cluster: auto or ray://host:10001")] = None,
+    address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="existing Ray cluster: auto or "
+                                                 "ray://host:10001 (none: a local instance, on loopback)")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray instance (default: all)")] = None,
     images: Annotated[int | None, typer.Option(min=16, help="synthetic_shapes only: training images (default "
                                                "8000; the test split is 1/8 of it)")] = None,

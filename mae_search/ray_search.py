@@ -293,13 +293,14 @@ def local_resources(num_cpus: int | None) -> dict[str, float]:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> str:
-    """Join ``address`` (``auto``, ``ray://host:10001``), or start a local instance for this search.
+    """Join ``address`` (``auto``, ``ray://host:10001``; else ``RAY_ADDRESS``), or start a local instance.
 
     A local instance listens on loopback only; other interfaces belong to a cluster that is joined.
     Returns a one-line description of the cluster for the user.
     """
     if ray.is_initialized():
         return describe_cluster("Ray")
+    address = address or os.environ.get("RAY_ADDRESS")  # where ray.init would go too (a Ray job sets it)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers' output (Ray Train's per-report lines, controller notices) stays in Ray's log files.
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}

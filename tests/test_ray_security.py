@@ -108,3 +108,27 @@ def test_the_loopback_interface_is_the_one_holding_127_0_0_1():
 
     addresses = psutil.net_if_addrs()[loopback_interface()]
     assert "127.0.0.1" in [a.address for a in addresses]
+
+
+def test_init_ray_starts_a_local_instance_on_loopback_and_joins_an_address_as_it_is(monkeypatch):
+    """Which way init_ray goes, and what the node's address is while ray.init runs (ray.init recorded)."""
+    import ray
+
+    from mae_search import ray_search
+
+    calls = []
+
+    def record_init(**kwargs):
+        calls.append((kwargs.get("address"), os.environ.get(LOCAL_ONLY_ENV)))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", record_init)
+    monkeypatch.setattr(ray_search, "describe_cluster", lambda prefix: prefix)
+    monkeypatch.delenv(LOCAL_ONLY_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_search.init_ray(None, 2) == "Ray: started a local instance"
+    assert ray_search.init_ray("auto") == "Ray: joined the cluster at auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as inside a Ray job
+    assert ray_search.init_ray(None) == "Ray: joined the cluster at 10.0.0.5:6379"
+    assert calls == [(None, "0"), ("auto", None), ("10.0.0.5:6379", None)]
+    assert LOCAL_ONLY_ENV not in os.environ
