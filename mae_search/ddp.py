@@ -45,6 +45,7 @@ def loopback_interface() -> str:
 
 
 def node_address() -> str:
+    """The address of the Ray node this worker runs on (127.0.0.1 for a local search's instance)."""
     return ray.util.get_node_ip_address()
 
 
@@ -68,6 +69,8 @@ def use_loopback_interface() -> None:
 
 
 class LoopbackTorchBackend(_TorchBackend):
+    """Ray Train's torch backend; on a loopback node its process group is set up on 127.0.0.1."""
+
     def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
         if not is_loopback(worker_group.execute_single(0, node_address)):
             return super().on_start(worker_group, backend_config)

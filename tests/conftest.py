@@ -8,6 +8,15 @@ import torch
 from mae_search.config import TrainConfig
 
 torch.set_num_threads(2)
+TEST_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """The tests share one process: one that narrows torch's threads (a one-core benchmark does) gives
+    them back, so the tests after it are not slowed (the pre-training test took 290 s on one thread)."""
+    yield
+    torch.set_num_threads(TEST_THREADS)
 
 
 def micro_config(**overrides) -> TrainConfig:
