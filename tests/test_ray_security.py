@@ -126,6 +126,7 @@ def test_init_ray_starts_a_local_instance_on_loopback_and_joins_an_address_as_it
     monkeypatch.setattr(ray_search, "describe_cluster", lambda prefix: prefix)
     monkeypatch.delenv(LOCAL_ONLY_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")  # init_ray sets it; the test leaves the env as it was
     assert ray_search.init_ray(None, 2) == "Ray: started a local instance"
     assert ray_search.init_ray("auto") == "Ray: joined the cluster at auto"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as inside a Ray job
