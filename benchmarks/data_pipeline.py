@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from benchmarks.common import machine, sync, write_section
-from mae_search.data import MEAN, STD, epoch_batches, normalize, random_resized_crop_flip, synthetic_shapes
+from mae_search.data.memory import MEAN, STD, epoch_batches, normalize, random_resized_crop_flip, synthetic_shapes
 
 
 class PerSampleShapes(Dataset):
@@ -72,7 +72,7 @@ def trainer_rate(batch: int, device: torch.device) -> float:
     """Images/s the tiny model's real training step consumes (augmentation excluded)."""
     from benchmarks.common import throughput
     from mae_search.config import TrainConfig
-    from mae_search.train import Trainer
+    from mae_search.training.train import Trainer
 
     trainer = Trainer(TrainConfig(batch_size=batch, data={"num_train": batch, "num_test": 16}), device=device)
     imgs = normalize(trainer.data.pretrain.images)

@@ -56,7 +56,7 @@ def write_folder(root: Path, images: int, seed: int = 0, val: int = 200) -> Path
 
 def prepare_in_process(source: Path, out: Path, resolution: int, shard_size: int = 500) -> Path:
     """The same shards `mae-search prepare` writes, made here without Ray (the benchmark times reading)."""
-    from mae_search.prepare import PrepareSettings, plan_shards, prepare_shard, write_manifest
+    from mae_search.data.prepare import PrepareSettings, plan_shards, prepare_shard, write_manifest
     from mae_search.storage import Location
 
     settings = PrepareSettings("imagefolder", str(source), resolution)
@@ -114,7 +114,7 @@ def child(kind: str, path: str, resolution: int) -> None:
     """One whole trial as a Ray worker runs it (load, one epoch of the tiny model, the last epoch's probe
     and k-NN); prints its peak memory (MB) and timings as JSON."""
     from mae_search.config import TrainConfig
-    from mae_search.train import Trainer
+    from mae_search.training.train import Trainer
 
     torch.set_num_threads(1)
     memory = PeakMemory()
@@ -160,9 +160,9 @@ def growth(points: dict[int, tuple[dict, dict]], base: int, resolution: int) -> 
 
 def decode_throughput(manifest_dir: Path, resolution: int, steps: int = 20) -> float:
     """Images/s of decode + crop/flip + normalise on the calling thread (one core)."""
-    from mae_search.data import crop_flip, draw_crop_flip, normalize
-    from mae_search.prepare import read_manifest
-    from mae_search.stream import PreparedSet
+    from mae_search.data.memory import crop_flip, draw_crop_flip, normalize
+    from mae_search.data.shards import read_manifest
+    from mae_search.data.stream import PreparedSet
 
     torch.set_num_threads(1)
     stream = PreparedSet(read_manifest(manifest_dir), "train", decode_workers=0, shuffle_shards=2)
@@ -175,7 +175,7 @@ def decode_throughput(manifest_dir: Path, resolution: int, steps: int = 20) -> f
 def input_bound(folder: Path, manifest_dir: Path, resolution: int) -> tuple[float, float]:
     """Epoch seconds of the tiny model with in-memory batches and with one decode worker streaming."""
     from mae_search.config import TrainConfig
-    from mae_search.train import Trainer
+    from mae_search.training.train import Trainer
 
     torch.set_num_threads(1)
     times = []

@@ -21,10 +21,12 @@ import torch
 
 from benchmarks.common import machine, write_section
 from mae_search.config import TrainConfig
-from mae_search.ray_search import loopback_node, run_search
-from mae_search.results import ResultsTableCallback, final_rows, read_results
-from mae_search.search_space import parse_search_space
-from mae_search.train import Trainer
+from mae_search.search.cluster import loopback_node
+from mae_search.search.results import final_rows, read_results
+from mae_search.search.results_callback import ResultsTableCallback
+from mae_search.search.run import tune_search
+from mae_search.search.space import parse_search_space
+from mae_search.training.train import Trainer
 
 SPACE = {
     "base": {"epochs": 4, "batch_size": 128, "optim": {"warmup_epochs": 1},
@@ -40,9 +42,9 @@ SPACE = {
 
 def search(name: str, scheduler: dict, trials: int, storage: Path) -> tuple[float, object]:
     space = parse_search_space({**SPACE, "name": name, "num_samples": trials, "scheduler": scheduler}, name)
-    callback = ResultsTableCallback(storage / name, name, space.base.epochs, space)
+    callback = ResultsTableCallback(storage / name, space.base.epochs, space)
     start = time.perf_counter()
-    run_search(space, storage, callbacks=[callback])
+    tune_search(space, Path(storage) / space.name, callbacks=[callback])
     return time.perf_counter() - start, final_rows(read_results(storage / name))
 
 

@@ -21,11 +21,11 @@ from torch import nn
 
 from benchmarks.common import machine, side_by_side, throughput, write_section
 from mae_search.config import LossConfig, TrainConfig, model_preset
-from mae_search.data import crop_flip, draw_crop_flip, normalize, synthetic_shapes
-from mae_search.losses import mae_loss, masked_mse, patch_targets
-from mae_search.masking import random_masking
-from mae_search.model import Attention, MaskedAutoencoderViT
-from mae_search.train import MEASURE_EVERY, Trainer, make_optimizer, param_groups
+from mae_search.data.memory import crop_flip, draw_crop_flip, normalize, synthetic_shapes
+from mae_search.mae.losses import mae_loss, masked_mse, patch_targets
+from mae_search.mae.masking import random_masking
+from mae_search.mae.model import Attention, MaskedAutoencoderViT
+from mae_search.training.train import MEASURE_EVERY, Trainer, make_optimizer, param_groups
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts) for MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}

@@ -35,8 +35,9 @@ import ray
 from ray import tune
 
 from benchmarks.common import machine, write_section
-from mae_search.ray_search import loopback_node, run_search
-from mae_search.search_space import parse_search_space
+from mae_search.search.cluster import loopback_node
+from mae_search.search.run import tune_search
+from mae_search.search.space import parse_search_space
 
 TINY = {
     "base": {"epochs": 1, "batch_size": 32,
@@ -97,7 +98,7 @@ def tiny_search(name: str, runner: str, trials: int, storage: Path) -> float:
     raw = {**TINY, "name": name, "resources": {"runner": runner},
            "dimensions": {"masking.mask_ratio": {"grid": values}}}
     times = CompletionTimes()
-    run_search(parse_search_space(raw, name), storage, callbacks=[times], notify=lambda _: None)
+    tune_search(parse_search_space(raw, name), Path(storage) / name, callbacks=[times], notify=lambda _: None)
     return per_trial(times.times)
 
 
@@ -112,8 +113,8 @@ def in_process_steps() -> dict[str, float]:
     import torch
 
     from mae_search.config import TrainConfig
-    from mae_search.data import load_data
-    from mae_search.train import Trainer
+    from mae_search.data.load import load_data
+    from mae_search.training.train import Trainer
 
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate(TINY["base"])
@@ -160,8 +161,9 @@ def main() -> None:
                 results[name].append(variants[name](f"r{r}-v{i}", Path(tmp)))
     ray.shutdown()
     cost = {name: statistics.median(v) for name, v in results.items()}
-    imports = {"trial driver (`mae_search.trial`)": import_time("mae_search.trial"),
-               "training code (`mae_search.seed_run`: torch, model, data)": import_time("mae_search.seed_run")}
+    imports = {"trial driver (`mae_search.search.trial`)": import_time("mae_search.search.trial"),
+               "training code (`mae_search.search.seed_run`: torch, model, data)":
+                   import_time("mae_search.search.seed_run")}
     steps = in_process_steps()
     before = cost["tiny mae-search trial, runner ray_train (before)"]
     after = cost["tiny mae-search trial, runner ray_task (now)"]

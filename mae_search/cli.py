@@ -53,7 +53,7 @@ def train(
         TimeRemainingColumn,
     )
 
-    from mae_search.train import Trainer
+    from mae_search.training.train import Trainer
 
     try:
         cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
@@ -120,82 +120,37 @@ def search(
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the embedded store's table-creation notices
-    from mae_search.data import check_local_data
-    from mae_search.progress import SearchProgress, stop_progress
-    from mae_search.ray_search import check_search_dir, init_ray, local_resources, plan_concurrency, run_search
-    from mae_search.results import ResultsTableCallback, by_configuration, final_rows, read_results
-    from mae_search.search_space import load_search_space
-    from mae_search.storage import Location, check_writable, local_dir, restore_sqlite_copies
-    from mae_search.tracking import (
-        MLflowSearchCallback,
-        check_tracking,
-        configure_tracking,
-        default_tracking_uri,
-        resolve_tracking_uri,
-    )
+    from mae_search.report.terminal import print_references, print_trials
+    from mae_search.search.record import PARAM_PREFIX
+    from mae_search.search.results import final_rows, read_results
+    from mae_search.search.run import run_search
+    from mae_search.search.space import load_search_space
 
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
-        if address is None:  # on a cluster the path need only exist on the workers' nodes
-            check_local_data(space.base.data)
-        store = Location.of(storage)
-        check_writable(store)
-        search_dir = store / space.name
-        max_epochs = space.scheduler.max_epochs or space.base.epochs
-        restore_sqlite_copies(store, space.name)  # a search resumed on another machine: before they are opened
-        uri = resolve_tracking_uri(tracking_uri, store) if mlflow else None
-        if uri and uri == default_tracking_uri(store):
-            local_dir(store).mkdir(parents=True, exist_ok=True)  # where the embedded store lives
-        if uri:
-            check_tracking(uri)
-            console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
-        configure_tracking(uri)  # also what a resumed search's restored callback logs to
-        callbacks = [ResultsTableCallback(search_dir, space.name, max_epochs, space),
-                     MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs),
-                     SearchProgress(space, max_epochs, console)]
-        console.print(
-            f"search [bold]{space.name}[/]: {space.total_trials()} trials "
-            f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
-            f"results in {search_dir}"
-        )
-        check_search_dir(space, store, resume)  # before Ray starts
-        if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
-            plan_concurrency(space, local_resources(num_cpus))
-        ray_log = log_ray_to(local_dir(store) / space.name)
-        console.print(init_ray(address, num_cpus))
-        console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
-                      "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
-        try:
-            _, wall_s = run_search(space, store, address=address, resume=resume, callbacks=callbacks,
-                                   num_cpus=num_cpus, notify=lambda line: console.print(line, highlight=False))
-        finally:
-            stop_progress()
+        done = run_search(space, storage, space_file=space_file, address=address, resume=resume,
+                          num_cpus=num_cpus, tracking_uri=tracking_uri, mlflow=mlflow, console=console)
     except ValueError as exc:
         message = str(exc)
         _fail(f"{space_file}: {message}" if message.startswith("search '") else message)  # name the file too
-    try:
-        table = final_rows(read_results(search_dir))
-    except FileNotFoundError:
+    if done.trials is None:
         _fail(f"search '{space.name}' ended before any trial reported a result")
-    _print_trials(table, space.primary.metric, space.primary.mode,
-                  {f"param.{k}": space.label_of(k) for k in space.dimensions})
-    _print_references(read_results(search_dir, with_references=True))
-    trials = by_configuration(table, space.primary.metric)  # a seed-averaged trial counts once
+    results = done.search_dir.results
+    print_trials(console, final_rows(read_results(results)), space.primary.metric, space.primary.mode,
+                 {f"{PARAM_PREFIX}{k}": space.label_of(k) for k in space.dimensions})
+    print_references(console, read_results(results, with_references=True))
     seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
-    console.print(f"{len(trials)} trials{seeds} in {wall_s:.0f}s; table: {search_dir / 'results.parquet'}")
-    ended = int(trials["status"].isin(["completed", "stopped_early", "failed"]).sum())
-    unfinished = space.total_trials() - ended  # cut off mid-way, and never started
-    failed = int((trials["status"] == "failed").sum())
-    if failed:
-        console.print(f"[red]{failed} trial(s) failed[/]: their errors are in the table's error column")
-    if unfinished > 0:
+    console.print(f"{len(done.trials)} trials{seeds} in {done.wall_s:.0f}s; table: {results}")
+    if done.failed:
+        console.print(f"[red]{done.failed} trial(s) failed[/]: their errors are in the table's error column")
+    if done.unfinished > 0:
         sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
         console.print(
-            f"[yellow]search interrupted[/]: {unfinished} trials unfinished; continue with "
+            f"[yellow]search interrupted[/]: {done.unfinished} trials unfinished; continue with "
             f"mae-search search {space_file} --storage {storage}{sets} --resume"
         )
         raise typer.Exit(130)  # as a shell reports an interrupted command
-    if failed:
+    if done.failed:
         raise typer.Exit(1)  # 0 only when every trial completed or was stopped by the scheduler
 
 
@@ -210,13 +165,15 @@ def list_searches(
     from rich.table import Table
 
     from mae_search.metrics import metric as registered
-    from mae_search.results import SPACE_FILE, search_summary
+    from mae_search.search.record import Status
+    from mae_search.search.results import search_summary
+    from mae_search.search.search_dir import SPACE_FILE, SearchDir
     from mae_search.storage import Location, StorageError
 
     if format_ not in ("table", "csv", "markdown", "json"):
         _fail(f"--format {format_}: expected table, csv, markdown or json")
     try:
-        dirs = [p.parent for p in Location.of(storage).glob(f"*/{SPACE_FILE}")]
+        dirs = [SearchDir.at(p.parent) for p in Location.of(storage).glob(f"*/{SPACE_FILE}")]
     except (StorageError, OSError) as exc:
         _fail(f"--storage {storage}: {str(exc).splitlines()[0]}")
     if not dirs:
@@ -230,9 +187,9 @@ def list_searches(
             continue
         counts, best, spec = s["counts"], s["best"], registered(s["metric"])
         rows.append({
-            "search": s["name"], "planned": s["planned"], "done": counts.get("completed", 0),
-            "stopped": counts.get("stopped_early", 0), "failed": counts.get("failed", 0),
-            "running": counts.get("running", 0) if counts else None, "objective": f"{s['mode']} {s['metric']}",
+            "search": s["name"], "planned": s["planned"], "done": counts.get(Status.COMPLETED, 0),
+            "stopped": counts.get(Status.STOPPED, 0), "failed": counts.get(Status.FAILED, 0),
+            "running": counts.get(Status.RUNNING, 0) if counts else None, "objective": f"{s['mode']} {s['metric']}",
             "best": None if best is None else round(float(best[s["metric"]]) * spec.scale, spec.digits),
             "best_trial": None if best is None else str(best["trial_id"]),
         })
@@ -270,7 +227,8 @@ def report(
     import os
     import tempfile
 
-    from mae_search.report import ReportError, load_from_dir, load_from_mlflow, write_report
+    from mae_search.report.build import write_report
+    from mae_search.report.load import ReportError, load_from_dir, load_from_mlflow
     from mae_search.storage import Location, is_uri
 
     try:
@@ -321,25 +279,14 @@ def prepare(
     the shards that are complete and verified and makes the rest."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mae_search.data import DataError
-    from mae_search.prepare import NATIVE_RESOLUTION, SYNTHETIC, PrepareSettings, detect_kind, plan_shards
-    from mae_search.prepare import prepare as prepare_set
-    from mae_search.ray_search import init_ray
+    from mae_search.data.prepare import plan_shards, settings_for
+    from mae_search.data.prepare import prepare as prepare_set
+    from mae_search.search.cluster import init_ray
     from mae_search.storage import Location, check_writable
 
     try:
-        if source == SYNTHETIC:
-            kind, root = SYNTHETIC, SYNTHETIC
-        else:
-            path = Path(source).expanduser().resolve()
-            if not path.is_dir():
-                raise DataError(f"prepare: source {path} does not exist or is not a directory")
-            if dataset not in (None, "imagefolder", "stl10", "cifar10"):
-                raise DataError(f"prepare: --dataset {dataset}: expected imagefolder, stl10 or cifar10")
-            if images is not None:
-                raise DataError("prepare: --images applies to synthetic_shapes only")
-            kind, root = dataset or detect_kind(path), str(path)
-        settings = PrepareSettings(kind, root, resolution or NATIVE_RESOLUTION[kind], quality, images)
+        settings = settings_for(source, dataset, resolution, quality, images)
+        kind, root = settings.kind, settings.root
         target = Location.of(out)
         check_writable(target)
         classes, plans = plan_shards(settings, shard_size)
@@ -376,125 +323,23 @@ def ui(
     wait_s: Annotated[float, typer.Option(help="how long to wait for the server to answer")] = 300.0,
 ) -> None:
     """Start the MLflow UI on the embedded store (or --tracking-uri); prints its URL once it answers."""
-    import signal
-    import subprocess
-    import time
-    import urllib.request
-
-    from mae_search.tracking import default_tracking_uri
+    from mae_search.search.tracking import default_tracking_uri, require_store, serve_ui
 
     uri = tracking_uri or default_tracking_uri(storage)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        _fail(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run a search first, or pass --storage DIR "
-              "(the --storage the search used) or --tracking-uri")
-    url = f"http://{host}:{port}"
-    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-            "--workers", str(workers)]
-    server = subprocess.Popen(args)
-
-    def stop(signum: int, frame: object) -> None:  # a plain kill of `mae-search ui` stops the server too
-        server.terminate()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    console.print(f"starting the MLflow UI for {uri} ...", highlight=False)
-    deadline = time.monotonic() + wait_s
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    _fail(f"the MLflow UI exited with code {server.returncode} (is port {port} in use? try --port)")
-                if time.monotonic() > deadline:
-                    server.terminate()
-                    _fail(f"the MLflow UI did not answer at {url} within {wait_s:.0f} s")
-                time.sleep(0.5)
+        require_store(uri)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"starting the MLflow UI for {uri} ...", highlight=False)
+
+    def ready(url: str) -> None:
         console.print(f"MLflow UI: {url}  (Ctrl-C to stop; runs are under Experiments > "
                       f"<search name>; if it opens on another view, click Experiments)", highlight=False)
-        server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        server.wait(timeout=30)
 
-
-def log_ray_to(search_dir: Path) -> Path:
-    """Send Ray's driver-side log records (Tune, Train) to a file beside the results instead of the terminal."""
-    import logging
-
-    search_dir.mkdir(parents=True, exist_ok=True)
-    path = search_dir / "ray-driver.log"
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # ray.init resets the "ray" logger's handlers, so its sub-loggers get the file too.
-    for name in ("ray", "ray._private", "ray.tune", "ray.train", "ray.util", "ray.air"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
-    return path
-
-
-def rank_trials(df, metric: str, mode: str):
-    """Final rows ranked only among comparable trials: completed ones by the metric, then the ones stopped
-    early (latest rung first, then the metric at it), then failed and running ones."""
-    order = {"completed": 0, "stopped_early": 1}
-    df = df.assign(_group=df["status"].map(order).fillna(2), _epoch=-df["epoch"])
-    if metric in df:
-        return df.sort_values(["_group", "_epoch", metric], ascending=[True, True, mode == "min"],
-                              na_position="last").drop(columns=["_group", "_epoch"])
-    return df.sort_values(["_group", "_epoch"]).drop(columns=["_group", "_epoch"])
-
-
-def _print_trials(df, metric: str, mode: str, space_labels: dict[str, str] | None = None) -> None:
-    """The final row of each trial, best first; a seed-averaged trial is one row: mean ± std over its seeds."""
-    from rich.table import Table
-
-    from mae_search.metrics import metric as registered
-    from mae_search.results import by_configuration
-
-    if df.empty:
-        console.print("no trial reported a result")
-        return
-    params = [c for c in df.columns if c.startswith("param.")]
-    df = rank_trials(by_configuration(df, metric), metric, mode)
-    averaged = (df["seeds"] > 1).any()
-    spec = registered(metric)
-    space_labels = space_labels or {}
-    table = Table(caption=f"completed trials first, ranked by {mode} {spec.label}; stopped ones by the epoch "
-                          "they reached" if (df["status"] == "stopped_early").any() else None)
-    # Identity and status never wrap; the searched values and the objective fold to fit the terminal.
-    table.add_column("trial", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("seeds" if averaged else "seed", overflow="fold")
-    for p in params:
-        table.add_column(space_labels.get(p, p.removeprefix("param.")), overflow="fold", min_width=5)
-    table.add_column("epoch", overflow="fold")
-    table.add_column(spec.label, overflow="fold", min_width=5)
-    for _, row in df.iterrows():
-        value, std = row.get(metric), row.get(f"{metric}_std")
-        shown = "-" if value is None or value != value else f"{value * spec.scale:.{spec.digits}f}"
-        if averaged and shown != "-" and std == std and std is not None:
-            shown += f" ± {std * spec.scale:.{spec.digits}f}"
-        status = "stopped" if row["status"] == "stopped_early" else row["status"]
-        table.add_row(
-            row["trial_id"], status, str(row["seeds"] if averaged else row["seed"]),
-            *[f"{row[p]:.3g}" if isinstance(row[p], float) else str(row[p]) for p in params],
-            str(row["epoch"]), shown,
-        )
-    console.print(table)
-
-
-def _print_references(df) -> None:
-    """One line per reference kind (mean over its seeds): what the trials above must beat."""
-    from mae_search.results import reference_rows
-
-    short = {"linear_probe_acc": "LP", "finetune_acc": "FT", "knn_acc": "k-NN"}
-    for kind, rows in reference_rows(df).groupby("reference", sort=True):
-        shown = [f"{name} {rows[k].mean() * 100:.1f} %" for k, name in short.items()
-                 if k in rows and rows[k].notna().any()]
-        seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
-        console.print(f"reference {kind.replace('_', '-')} ({seeds}): {', '.join(shown)}", highlight=False)
+    try:
+        serve_ui(uri, host, port, workers, wait_s, ready)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def _parse_assignment(text: str) -> tuple[str, object]:

@@ -90,13 +90,20 @@ def no_bool_numbers(cls: type[BaseModel], data: Any) -> Any:
 NUMBER_TYPES = (int, float, int | None, float | None)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class StrictModel(BaseModel):
+    """Refuses unknown keys and a boolean given for a number, so a typo in a config or space file is an
+    error naming it rather than a silent default (shared by the configs here and the search spaces)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
     def _numbers_are_numbers(cls, data: Any) -> Any:
         return no_bool_numbers(cls, data)
+
+
+class _Strict(StrictModel):
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class ModelConfig(_Strict):

@@ -23,6 +23,7 @@ class Metric:
     scale: float = 1.0  # stored value x scale = shown value (fractions are shown in %)
     digits: int = 3
     in_tables: bool = True  # a column of the report's ablation tables
+    short: str = ""  # the protocol's abbreviation, for one-line summaries (the reference rows' line)
 
     @property
     def higher_is_better(self) -> bool:
@@ -30,10 +31,10 @@ class Metric:
 
 
 REGISTRY: tuple[Metric, ...] = (
-    Metric("linear_probe_acc", "LP top-1 (%)", "max", "eval", 100.0, 1),
-    Metric("finetune_acc", "FT top-1 (%)", "max", "finetune", 100.0, 1),
+    Metric("linear_probe_acc", "LP top-1 (%)", "max", "eval", 100.0, 1, short="LP"),
+    Metric("finetune_acc", "FT top-1 (%)", "max", "finetune", 100.0, 1, short="FT"),
     Metric("partial_finetune_acc", "partial FT top-1 (%)", "max", "partial_finetune", 100.0, 1),
-    Metric("knn_acc", "k-NN top-1 (%)", "max", "eval", 100.0, 1),
+    Metric("knn_acc", "k-NN top-1 (%)", "max", "eval", 100.0, 1, short="k-NN"),
     Metric("test_mse", "held-out masked MSE", "min", "eval", 1.0, 4),
     Metric("psnr", "PSNR (dB)", "max", "eval", 1.0, 2),
     Metric("psnr_true_stats", "PSNR, true patch stats (dB)", "max", "eval", 1.0, 2),

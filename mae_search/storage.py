@@ -12,8 +12,8 @@ checkpoints, the results table, the space, plan and ASHA records, and (with
 the embedded MLflow store) MLflow's artifacts. Two files are SQLite databases,
 which need a local disk: the Optuna study and the embedded MLflow store live
 in :func:`local_dir`, a local mirror of the storage. They are copied to the
-storage after every trial (:func:`save_sqlite_copies`) and brought back when
-the mirror lacks them (:func:`restore_sqlite_copies`), so a search resumed on
+storage after every trial and brought back when the mirror lacks them
+(:class:`mae_search.search.search_dir.SearchDir`), so a search resumed on
 another machine continues its sampler's history and its MLflow runs. The
 embedded store serves one machine at a time; searches run from several
 machines at once should share an MLflow server (``--tracking-uri``).
@@ -29,7 +29,6 @@ import fnmatch
 import io
 import os
 import shutil
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 MLFLOW_DB = "mlflow.db"  # the embedded MLflow store, one per storage
-OPTUNA_DB = "optuna.db"  # a search's Optuna study, in its directory
 LOCAL_TYPES = ("local", "py")  # Ray wraps local storage in a Python filesystem; its paths are local paths
 
 
@@ -249,43 +247,3 @@ def local_dir(storage: Location) -> Path:
 def mlflow_db(storage: Location) -> Path:
     """The embedded MLflow store of a storage (one per storage, shared by its searches)."""
     return local_dir(storage) / MLFLOW_DB
-
-
-def optuna_db(storage: Location, search: str) -> Path:
-    """A search's Optuna study."""
-    return local_dir(storage) / search / OPTUNA_DB
-
-
-def sqlite_files(storage: Location, search: str) -> list[tuple[Path, Location]]:
-    """The SQLite files a search uses, each with where its copy lives in the storage."""
-    return [(mlflow_db(storage), storage / MLFLOW_DB), (optuna_db(storage, search), storage / search / OPTUNA_DB)]
-
-
-def save_sqlite_copies(storage: Location, search: str) -> None:
-    """Copy the search's SQLite files to the object store (nothing to do for local storage): a consistent
-    snapshot (SQLite's backup API) even while MLflow's thread writes to its store."""
-    if storage.is_local:
-        return
-    for local, remote in sqlite_files(storage, search):
-        if not local.is_file():
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            snapshot = Path(tmp) / local.name
-            source, target = sqlite3.connect(local), sqlite3.connect(snapshot)
-            try:
-                source.backup(target)
-            finally:
-                source.close()
-                target.close()
-            remote.write_bytes(snapshot.read_bytes())
-
-
-def restore_sqlite_copies(storage: Location, search: str) -> list[Path]:
-    """Bring back the copies this machine's mirror lacks (a search resumed elsewhere); returns them."""
-    restored = []
-    for local, remote in ([] if storage.is_local else sqlite_files(storage, search)):
-        if not local.is_file() and remote.is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(remote.read_bytes())
-            restored.append(local)
-    return restored

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mae_search.cli import app
 from mae_search.config import ConfigError
-from mae_search.search_space import load_search_space
+from mae_search.search.space import load_search_space
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 SPACES = sorted((CORPUS / "spaces").glob("*.yaml"))

@@ -7,7 +7,7 @@ import torch
 from benchmarks import common
 from benchmarks.trainer_throughput import ATTENTION_LENGTHS, SymmetricMAE, attention_kernels_cpu, make_trainer
 from mae_search.config import ModelConfig
-from mae_search.model import Attention
+from mae_search.mae.model import Attention
 
 
 def test_side_by_side_ratio_is_paired_per_round():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_search.results import read_results
+from mae_search.search.results import read_results
 from tests.conftest import cli_popen, micro_space
 
 pytestmark = pytest.mark.slow

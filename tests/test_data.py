@@ -5,16 +5,9 @@ import pytest
 import torch
 
 from mae_search.config import DataConfig, ModelConfig
-from mae_search.data import (
-    DataError,
-    crop_flip,
-    epoch_batches,
-    load_cifar10,
-    load_data,
-    load_stl10,
-    random_resized_crop_flip,
-    synthetic_shapes,
-)
+from mae_search.data.load import load_data
+from mae_search.data.memory import DataError, crop_flip, epoch_batches, random_resized_crop_flip, synthetic_shapes
+from mae_search.data.sources import load_cifar10, load_stl10
 
 
 def test_synthetic_shapes_deterministic_labelled_and_balanced():
@@ -127,7 +120,7 @@ def test_epoch_batches_shard_disjointly():
 def test_imagefolder_reader(tmp_path):
     from PIL import Image
 
-    from mae_search.data import load_imagefolder
+    from mae_search.data.sources import load_imagefolder
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

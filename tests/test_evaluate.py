@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mae_search.evaluate import collect_features, extract_features, knn_accuracy, nearest
+from mae_search.training.evaluate import collect_features, extract_features, knn_accuracy, nearest
 
 
 def unit(degrees: float) -> list[float]:
@@ -58,8 +58,8 @@ def test_k_larger_than_the_training_set_uses_every_feature():
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_features_are_written_into_one_buffer_not_kept_with_their_tokens(micro_cfg, pool):
-    from mae_search.data import ImageSet, normalize
-    from mae_search.model import MaskedAutoencoderViT
+    from mae_search.data.memory import ImageSet, normalize
+    from mae_search.mae.model import MaskedAutoencoderViT
 
     torch.manual_seed(0)
     model = MaskedAutoencoderViT(micro_cfg.model)

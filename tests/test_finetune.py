@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from mae_search.config import FinetuneConfig, ModelConfig
-from mae_search.data import ImageSet, load_data
-from mae_search.evaluate import evaluate_reference
-from mae_search.finetune import build_classifier, finetune, make_finetune_optimizer
-from mae_search.model import MaskedAutoencoderViT, ViTClassifier, encoder_state_dict
-from mae_search.train import Trainer
+from mae_search.data.load import load_data
+from mae_search.data.memory import ImageSet
+from mae_search.mae.model import MaskedAutoencoderViT, ViTClassifier, encoder_state_dict
+from mae_search.training.evaluate import evaluate_reference
+from mae_search.training.finetune import build_classifier, finetune, make_finetune_optimizer
+from mae_search.training.train import Trainer
 from tests.conftest import micro_config
 
 MICRO = micro_config().model

@@ -1,8 +1,8 @@
 import torch
 
 from mae_search.config import LossConfig
-from mae_search.losses import mae_loss, masked_laplacian_l1, masked_mse, patch_targets, uniformity
-from mae_search.masking import patchify
+from mae_search.mae.losses import mae_loss, masked_laplacian_l1, masked_mse, patch_targets, uniformity
+from mae_search.mae.masking import patchify
 
 
 def _setup(b=2, size=16, p=4):

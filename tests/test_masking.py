@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mae_search.config import MaskingConfig
-from mae_search.masking import num_kept, patchify, random_masking, scheduled_mask_ratio, unpatchify
+from mae_search.mae.masking import num_kept, patchify, random_masking, scheduled_mask_ratio, unpatchify
 
 
 def test_patchify_roundtrip():

@@ -1,7 +1,7 @@
 import torch
 
 from mae_search.config import PRESETS, ModelConfig, model_preset
-from mae_search.model import Attention, MaskedAutoencoderViT, attention, encoder_state_dict
+from mae_search.mae.model import Attention, MaskedAutoencoderViT, attention, encoder_state_dict
 
 
 def test_encoder_sees_only_visible_tokens_plus_cls():
@@ -51,7 +51,7 @@ def test_encoder_state_dict_has_no_decoder():
 
 def test_attention_kernel_choice_on_cpu_gives_sdpa_results(monkeypatch):
     """Short CPU sequences take the plain softmax path, long ones SDPA; both match SDPA, forward and backward."""
-    import mae_search.model as model_module
+    import mae_search.mae.model as model_module
 
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -8,17 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_search.data import DataError
-from mae_search.prepare import (
-    MANIFEST,
-    PrepareSettings,
-    decode,
-    plan_shards,
-    prepare_shard,
-    read_manifest,
-    read_shard,
-)
-from mae_search.results import read_results
+from mae_search.data.memory import DataError
+from mae_search.data.prepare import PrepareSettings, plan_shards, prepare_shard
+from mae_search.data.shards import MANIFEST, decode, read_manifest, read_shard
+from mae_search.search.results import read_results
 from mae_search.storage import Location
 from tests.conftest import cli, micro_space
 
@@ -117,9 +110,9 @@ def test_prepare_rejects_a_missing_source_before_ray_starts(tmp_path):
 
 
 def test_synthetic_shapes_prepare_as_the_embedded_set_and_images_is_theirs_alone(tmp_path, folder):
-    from mae_search.data import SHAPE_CLASSES, synthetic_shapes
-    from mae_search.prepare import write_manifest
-    from mae_search.stream import load_labelled
+    from mae_search.data.memory import SHAPE_CLASSES, synthetic_shapes
+    from mae_search.data.prepare import write_manifest
+    from mae_search.data.stream import load_labelled
 
     settings = PrepareSettings("synthetic_shapes", "synthetic_shapes", 32, synthetic_images=64)
     classes, plans = plan_shards(settings, shard_size=24)
@@ -179,7 +172,7 @@ def test_prepare_command_runs_in_ray_tasks_and_resumes(folder, tmp_path):
 
 def prepared_set(folder: Path, out: Path, resolution: int = 16, shard_size: int = 8) -> Path:
     """A prepared set made shard by shard in this process (the command does the same in Ray tasks)."""
-    from mae_search.prepare import write_manifest
+    from mae_search.data.prepare import write_manifest
 
     settings = settings_for(folder, resolution)
     classes, plans = plan_shards(settings, shard_size)
@@ -190,7 +183,7 @@ def prepared_set(folder: Path, out: Path, resolution: int = 16, shard_size: int 
 
 
 def batches_of(manifest, steps, seed=0, epoch=0, rank=0, world_size=1, workers=0, batch_size=4):
-    from mae_search.stream import PreparedSet
+    from mae_search.data.stream import PreparedSet
 
     stream = PreparedSet(manifest, "train", decode_workers=workers, shuffle_shards=2)
     return [b.clone() for b, _ in stream.batches(batch_size, steps, seed, epoch, rank, world_size)]
@@ -226,8 +219,8 @@ def test_a_truncated_shard_stops_training_with_one_line_naming_it(folder, tmp_pa
 
 
 def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, micro_cfg):
-    from mae_search.data import check_local_data
-    from mae_search.train import Trainer
+    from mae_search.data.load import check_local_data
+    from mae_search.training.train import Trainer
 
     out = prepared_set(folder, tmp_path / "prepared")
     cfg = micro_cfg.with_overrides({"data": {"dataset": "prepared", "path": str(out / MANIFEST),
@@ -258,10 +251,10 @@ def test_streamed_evaluation_sees_what_the_in_memory_one_does(folder, tmp_path, 
     decoded into memory: the last epoch's full evaluation measures what the subset one does, on more images."""
     from torch import nn
 
-    from mae_search.evaluate import extract_features
-    from mae_search.finetune import classifier_accuracy
-    from mae_search.model import MaskedAutoencoderViT
-    from mae_search.stream import PreparedSet, load_labelled, ordered_batches
+    from mae_search.data.stream import PreparedSet, load_labelled
+    from mae_search.mae.model import MaskedAutoencoderViT
+    from mae_search.training.evaluate import extract_features
+    from mae_search.training.finetune import classifier_accuracy
 
     manifest = read_manifest(prepared_set(folder, tmp_path / "prepared"))
     streamed = PreparedSet(manifest, "train", decode_workers=workers, shuffle_shards=2)
@@ -279,13 +272,13 @@ def test_streamed_evaluation_sees_what_the_in_memory_one_does(folder, tmp_path, 
     accuracies = [classifier_accuracy(MeanColour(), d, torch.device("cpu"), batch_size=7)
                   for d in (streamed, in_memory)]
     assert accuracies[0] == accuracies[1] > 0.5
-    parts = [[y for _, ys_ in ordered_batches(streamed, 8, rank, 2) for y in ys_.tolist()] for rank in (0, 1)]
+    parts = [[y for _, ys_ in streamed.in_order(8, rank, 2) for y in ys_.tolist()] for rank in (0, 1)]
     assert sorted(parts[0] + parts[1]) == sorted(in_memory.labels.tolist()) and parts[0] and parts[1]
 
 
 def test_prepared_images_are_the_in_memory_paths_up_to_jpeg(folder, tmp_path):
     """Both paths size an ImageFolder image the same way (one transform), so they differ by JPEG only."""
-    from mae_search.data import load_imagefolder
+    from mae_search.data.sources import load_imagefolder
 
     (folder / "train" / "ants" / "broken.jpg").unlink()  # the in-memory loader cannot skip it
     in_memory, _ = load_imagefolder(folder, 16)

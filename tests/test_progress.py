@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from mae_search.progress import SearchProgress
+from mae_search.search.progress import SearchProgress
 from tests.conftest import ASHA_BLR_BODY, micro_space
 
 
@@ -14,7 +14,7 @@ class Trial:
 
 
 def test_view_lists_trials_with_values_in_table_units_and_counts(tmp_path):
-    from mae_search.search_space import load_search_space
+    from mae_search.search.space import load_search_space
 
     space = load_search_space(micro_space(tmp_path, "view", ASHA_BLR_BODY.format(num_samples=3)))
     out = io.StringIO()

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mae_search.ddp import is_loopback, loopback_interface
-from mae_search.ray_search import LOCAL_ONLY_ENV, loopback_node
+from mae_search.search.cluster import LOCAL_ONLY_ENV, loopback_node
+from mae_search.search.ddp import is_loopback, loopback_interface
 
 # Started in a fresh interpreter, so that this Ray instance is the only one the script knows.
 START_LOCAL = textwrap.dedent("""
     import json, os, subprocess, sys, tempfile
     import psutil, ray, ray.train, ray.train.torch
     import torch, torch.distributed as dist
-    from mae_search.ddp import LoopbackTorchConfig
-    from mae_search.ray_search import init_ray
+    from mae_search.search.ddp import LoopbackTorchConfig
+    from mae_search.search.cluster import init_ray
 
     def listening(proc):
         try:
@@ -114,7 +114,7 @@ def test_init_ray_starts_a_local_instance_on_loopback_and_joins_an_address_as_it
     """Which way init_ray goes, and what the node's address is while ray.init runs (ray.init recorded)."""
     import ray
 
-    from mae_search import ray_search
+    from mae_search.search import cluster
 
     calls = []
 
@@ -123,13 +123,13 @@ def test_init_ray_starts_a_local_instance_on_loopback_and_joins_an_address_as_it
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", record_init)
-    monkeypatch.setattr(ray_search, "describe_cluster", lambda prefix: prefix)
+    monkeypatch.setattr(cluster, "describe_cluster", lambda prefix: prefix)
     monkeypatch.delenv(LOCAL_ONLY_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")  # init_ray sets it; the test leaves the env as it was
-    assert ray_search.init_ray(None, 2) == "Ray: started a local instance"
-    assert ray_search.init_ray("auto") == "Ray: joined the cluster at auto"
+    assert cluster.init_ray(None, 2) == "Ray: started a local instance"
+    assert cluster.init_ray("auto") == "Ray: joined the cluster at auto"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as inside a Ray job
-    assert ray_search.init_ray(None) == "Ray: joined the cluster at 10.0.0.5:6379"
+    assert cluster.init_ray(None) == "Ray: joined the cluster at 10.0.0.5:6379"
     assert calls == [(None, "0"), ("auto", None), ("10.0.0.5:6379", None)]
     assert LOCAL_ONLY_ENV not in os.environ

@@ -8,10 +8,13 @@ import pandas as pd
 import pytest
 
 from mae_search.config import TrainConfig
-from mae_search.report import ReportError, load_from_dir, load_from_mlflow, pareto_front, write_report
-from mae_search.results import ResultsTableCallback, record_references
-from mae_search.search_space import load_search_space
-from mae_search.tracking import MLflowSearchCallback
+from mae_search.report.build import write_report
+from mae_search.report.load import ReportError, load_from_dir, load_from_mlflow
+from mae_search.report.stats import pareto_front
+from mae_search.search.mlflow_runs import MLflowSearchCallback
+from mae_search.search.results import record_references
+from mae_search.search.results_callback import ResultsTableCallback
+from mae_search.search.space import load_search_space
 from tests.conftest import cli
 
 SPACE_TEMPLATE = """
@@ -53,11 +56,11 @@ def record(tmp_path: Path, with_mlflow: bool = True, drop: set[str] = frozenset(
     """Feed synthetic per-epoch results (and reference rows) through the callbacks a real search uses;
     ``counts``/``ref_counts``: the evaluation set sizes the trials' last epochs and the references report."""
     space, space_file, search_dir = new_search(tmp_path, SPACE_TEMPLATE.replace("SEEDS", str(list(seeds))))
-    record_references(search_dir, space.name, [
+    record_references(search_dir, [
         (kind, TrainConfig(seed=seed), {"linear_probe_acc": acc + 0.01 * seed, "knn_acc": acc,
                                         **(ref_counts or counts or {})})
         for seed in seeds for kind, acc in (("random_init", 0.2), ("raw_pixels", 0.15))])
-    callbacks = [ResultsTableCallback(search_dir, space.name, 3, space)]
+    callbacks = [ResultsTableCallback(search_dir, 3, space)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     if with_mlflow:
         callbacks.append(MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs=3))
@@ -231,9 +234,9 @@ num_samples: 8
 
 def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
     space, _, search_dir = new_search(tmp_path, OPTUNA_SPACE)
-    record_references(search_dir, space.name, [("random_init", TrainConfig(), {"linear_probe_acc": 0.1}),
+    record_references(search_dir, [("random_init", TrainConfig(), {"linear_probe_acc": 0.1}),
                                                ("raw_pixels", TrainConfig(), {"linear_probe_acc": 0.2})])
-    cb = ResultsTableCallback(search_dir, space.name, 2, space)
+    cb = ResultsTableCallback(search_dir, 2, space)
     cb.setup()
     # Accuracy depends on mask ratio only, so fANOVA must rank it first.
     for i in range(8):
@@ -271,7 +274,7 @@ scheduler: {type: none}
 
 def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
     space, _, search_dir = new_search(tmp_path, DECODER_SPACE)
-    cb = ResultsTableCallback(search_dir, space.name, 1, space)
+    cb = ResultsTableCallback(search_dir, 1, space)
     cb.setup()
     for i, (depth, width) in enumerate((d, w) for d in (1, 2) for w in (16, 32)):
         trial = FakeTrial(f"d{i}", {"model.decoder_depth": depth, "model.decoder_embed_dim": width, "seed": 0})
@@ -296,7 +299,7 @@ def test_multi_factor_grid_gets_one_table_per_factor(tmp_path):
 
 def test_failed_trial_is_recorded_with_its_error(tmp_path):
     space, _, search_dir = new_search(tmp_path, SPACE)
-    cb = ResultsTableCallback(search_dir, space.name, 3, space)
+    cb = ResultsTableCallback(search_dir, 3, space)
     cb.setup()
     trial = FakeTrial("f0", {"masking.mask_ratio": 0.5, "seed": 0})
     trial.error_file = str(tmp_path / "error.txt")
@@ -311,7 +314,7 @@ def test_failed_trial_is_recorded_with_its_error(tmp_path):
 
 def test_trial_record_survives_the_table_round_trip(tmp_path):
     """What a resumed search reloads is what it wrote: rows -> records -> rows, holes read as empty."""
-    from mae_search.record import Status, TrialRecord
+    from mae_search.search.record import Status, TrialRecord
 
     search_dir, _ = record(tmp_path, with_mlflow=False)
     table = pd.read_parquet(search_dir / "results.parquet")
@@ -359,7 +362,7 @@ def test_report_files_a_paper_can_use(tmp_path):
 
 def test_importance_falls_back_to_the_last_common_rung(tmp_path):
     space, _, search_dir = new_search(tmp_path, OPTUNA_SPACE)
-    cb = ResultsTableCallback(search_dir, space.name, 2, space)
+    cb = ResultsTableCallback(search_dir, 2, space)
     cb.setup()
     for i in range(6):  # ASHA stops all but one after epoch 1
         ratio, freq = 0.5 + 0.05 * i, 0.2 * ((i * 5) % 6) / 6

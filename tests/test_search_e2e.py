@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from mae_search.results import read_results
+from mae_search.search.results import read_results
 from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, micro_space
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def test_search_joins_an_existing_cluster(tmp_path):
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        # As a Ray Train run: on a cluster's node its process group is Ray Train's own (see mae_search.ddp).
+        # As a Ray Train run: on a cluster's node its process group is Ray Train's own (see mae_search.search.ddp).
         space = micro_space(tmp_path, "joined", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n"
                             "resources: {runner: ray_train}\n", epochs=1)
         out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", "auto", "--no-mlflow")
@@ -309,7 +309,7 @@ def test_interrupt_loses_no_epoch_and_a_torn_checkpoint_falls_back(tmp_path):
     """Ctrl-C mid-trial; then, as if the last result never reached the driver and the last checkpoint was
     torn: the resumed trial restarts from the older intact checkpoint, and the table and MLflow end with
     every epoch exactly once."""
-    from mae_search.checkpoint import load_checkpoint
+    from mae_search.training.checkpoint import load_checkpoint
 
     storage = tmp_path / "results"
     space = micro_space(tmp_path, "torn", ONE_LONG_TRIAL, epochs=6, num_train=3000)

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from mae_search.config import ConfigError
-from mae_search.ray_search import param_space, plan_concurrency
-from mae_search.search_space import load_search_space
+from mae_search.search.cluster import plan_concurrency
+from mae_search.search.space import load_search_space
+from mae_search.search.strategy import param_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
 
@@ -120,7 +121,7 @@ def test_searchers_follow_the_file(tmp_path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from mae_search.ray_search import make_sampler, make_scheduler, make_searcher, optuna_storage_url
+    from mae_search.search.strategy import make_sampler, make_scheduler, make_searcher, optuna_storage_url
 
     grid = load_search_space(write(tmp_path, VALID))
     assert make_searcher(grid, tmp_path / "grid") is None  # a grid runs every value, no search algorithm
@@ -184,7 +185,8 @@ def test_model_presets_in_space_files_with_overrides_and_as_a_dimension(tmp_path
 
 
 def test_resume_refuses_a_changed_configuration_or_a_smaller_cluster(tmp_path):
-    from mae_search.ray_search import ClusterPlan, check_resumable
+    from mae_search.search.cluster import ClusterPlan
+    from mae_search.search.resume import check_resumable
 
     space = load_search_space(write(tmp_path, VALID))
     exp_dir = tmp_path / "results" / "t"

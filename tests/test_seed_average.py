@@ -6,9 +6,10 @@ import statistics
 import pytest
 
 from mae_search.config import ConfigError
-from mae_search.ray_search import PersistentASHA, param_space, plan_concurrency
-from mae_search.record import PER_SEED_KEY, TrialRecord, epoch_records
-from mae_search.trial import REPLAY_KEY, SeedAverager
+from mae_search.search.cluster import plan_concurrency
+from mae_search.search.record import PER_SEED_KEY, REPLAY_KEY, TrialRecord, epoch_records
+from mae_search.search.strategy import PersistentASHA, param_space
+from mae_search.search.trial import SeedAverager
 from tests.test_search_space import write
 
 OPTUNA = """
@@ -23,7 +24,7 @@ num_samples: 4
 
 
 def load(tmp_path, text):
-    from mae_search.search_space import load_search_space
+    from mae_search.search.space import load_search_space
 
     return load_search_space(write(tmp_path, text))
 
@@ -91,7 +92,8 @@ def test_averager_completes_epochs_from_a_restored_seeds_replay():
 
 
 def test_a_fatal_report_fails_the_trial_at_once():
-    from mae_search.trial import FATAL_KEY, TrialError
+    from mae_search.search.record import FATAL_KEY
+    from mae_search.search.trial import TrialError
 
     with pytest.raises(TrialError, match="seed 3: DataError: cifar10: missing file"):
         SeedAverager([3]).add(3, {FATAL_KEY: "DataError: cifar10: missing file"}, "")

@@ -11,8 +11,9 @@ import time
 import pandas as pd
 import pytest
 
-from mae_search.results import read_results
-from mae_search.storage import Location, StorageError, local_dir, restore_sqlite_copies, save_sqlite_copies
+from mae_search.search.results import read_results
+from mae_search.search.search_dir import SearchDir
+from mae_search.storage import Location, StorageError, local_dir
 from tests.conftest import cli, cli_popen, micro_space
 
 BUCKET = "mae-bucket"
@@ -118,7 +119,7 @@ def test_upload_dir_writes_the_named_file_last(root, tmp_path):
 
 
 def test_results_table_round_trips_through_the_store(root):
-    from mae_search.results import write_atomic
+    from mae_search.search.results import write_atomic
 
     df = pd.DataFrame({"search": ["s"], "trial_id": ["t"], "status": ["completed"], "epoch": [1], "loss": [0.5]})
     write_atomic(df, root / "s" / "results.parquet")
@@ -127,7 +128,7 @@ def test_results_table_round_trips_through_the_store(root):
 
 
 def test_checkpoint_errors_name_the_object(s3):
-    from mae_search.checkpoint import CheckpointError, load_checkpoint
+    from mae_search.training.checkpoint import CheckpointError, load_checkpoint
 
     where = Location.of(f"s3://{BUCKET}/ckpt/checkpoint_000001")
     with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/ckpt/checkpoint_000001: checkpoint not found"):
@@ -151,19 +152,19 @@ def test_sqlite_files_are_copied_to_the_store_and_restored_where_missing(s3):
     with sqlite3.connect(study) as db:
         db.execute("create table t (x int)")
         db.execute("insert into t values (7)")
-    save_sqlite_copies(storage, "search")
+    SearchDir(storage, "search").save_sqlite_copies()
     assert keys(s3, "sqlite/") == ["sqlite/search/optuna.db"]  # no embedded MLflow store here: not copied
     shutil.rmtree(local_dir(storage))  # another machine
-    assert restore_sqlite_copies(storage, "search") == [study]
+    assert SearchDir(storage, "search").restore_sqlite_copies() == [study]
     with sqlite3.connect(study) as db:
         assert db.execute("select x from t").fetchall() == [(7,)]
-    assert restore_sqlite_copies(storage, "search") == []  # present: the local one is kept
+    assert SearchDir(storage, "search").restore_sqlite_copies() == []  # present: the local one is kept
 
 
 def test_local_storage_keeps_its_files_in_place(tmp_path):
     storage = Location.of(tmp_path / "results")
     assert local_dir(storage) == tmp_path / "results"
-    from mae_search.tracking import default_tracking_uri
+    from mae_search.search.tracking import default_tracking_uri
 
     assert default_tracking_uri(tmp_path / "results") == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
 

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from mae_search.results import ResultsTableCallback, read_results
-from mae_search.search_space import load_search_space
-from mae_search.tracking import MLflowSearchCallback, TrackingError, check_tracking, load_encoder
+from mae_search.search.best_encoder import load_encoder
+from mae_search.search.mlflow_runs import MLflowSearchCallback
+from mae_search.search.results import read_results
+from mae_search.search.results_callback import ResultsTableCallback
+from mae_search.search.space import load_search_space
+from mae_search.search.tracking import TrackingError, check_tracking
 from tests.conftest import ASHA_BLR_BODY, cli, micro_space
 
 
@@ -182,7 +185,7 @@ def test_tracking_failure_mid_search_never_raises(tmp_path, monkeypatch, mlflow_
     space = load_search_space(micro_space(tmp_path, "broken", "dimensions: {}\nmetric: loss\nmode: min\n"))
     search_dir = tmp_path / "results" / "broken"
     tracking = MLflowSearchCallback(mlflow_server, space, search_dir, "x.yaml", max_epochs=3)
-    table = ResultsTableCallback(search_dir, space.name, 3, space)
+    table = ResultsTableCallback(search_dir, 3, space)
     callbacks = [table, tracking]
     for cb in callbacks:
         cb.setup()
@@ -219,7 +222,7 @@ def test_tracking_flags_given_on_resume_take_effect(tmp_path):
     """Tune restores a search's callbacks from its pickle; the store they log to is the current run's."""
     import pickle
 
-    from mae_search.tracking import _ACTIVE, configure_tracking
+    from mae_search.search.tracking import _ACTIVE, configure_tracking
 
     space = load_search_space(micro_space(tmp_path, "moved", "dimensions: {}\nmetric: loss\nmode: min\n"))
     first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"

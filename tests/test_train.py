@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mae_search.checkpoint import CheckpointError
 from mae_search.config import ConfigError, TrainConfig
-from mae_search.schedule import lr_at
-from mae_search.train import Trainer, param_groups
+from mae_search.training.checkpoint import CheckpointError
+from mae_search.training.schedule import lr_at
+from mae_search.training.train import Trainer, param_groups
 from tests.conftest import micro_config
 
 
@@ -124,8 +124,8 @@ def test_embedded_task_has_signal_pretraining_beats_both_reference_rows():
     ablations train it (search_spaces/mask_ratio_tiny.yaml at ratio 0.75, seed 0; about 2 CPU minutes)
     beats the random-init encoder and raw pixels on the linear probe, and training from scratch on
     fine-tuning, by margins several times the seed spread of the committed reports (std about 1-2 points)."""
-    from mae_search.evaluate import evaluate_reference
-    from mae_search.search_space import load_search_space
+    from mae_search.search.space import load_search_space
+    from mae_search.training.evaluate import evaluate_reference
 
     cfg = load_search_space("search_spaces/mask_ratio_tiny.yaml").trial_config({"masking.mask_ratio": 0.75}, seed=0)
     trainer = Trainer(cfg)
@@ -175,8 +175,8 @@ def test_crafted_checkpoint_runs_nothing(tmp_path, micro_cfg):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, micro_cfg):
 
-    from mae_search.checkpoint import CHECKPOINT_FILE
-    from mae_search.seed_run import restore_intact
+    from mae_search.search.seed_run import restore_intact
+    from mae_search.training.checkpoint import CHECKPOINT_FILE
 
     trainer = Trainer(micro_cfg, device=torch.device("cpu"))
     run_dir = tmp_path / "train_runs" / "trial"

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mae_search.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.config import TrainConfig
-from mae_search.data import DataSplits, crop_flip, load_data, normalize
-from mae_search.evaluate import evaluate, finetune_metrics, has_labels, reconstruct, save_reconstruction_grid
-from mae_search.losses import mae_loss
-from mae_search.masking import scheduled_mask_ratio
-from mae_search.model import MaskedAutoencoderViT
-from mae_search.schedule import lr_at
-from mae_search.stream import shuffled_batches
+from mae_search.data.load import DataSplits, load_data
+from mae_search.data.memory import crop_flip, normalize
+from mae_search.mae.losses import mae_loss
+from mae_search.mae.masking import scheduled_mask_ratio
+from mae_search.mae.model import MaskedAutoencoderViT
+from mae_search.training.checkpoint import load_checkpoint, save_checkpoint
+from mae_search.training.evaluate import evaluate, finetune_metrics, has_labels, reconstruct, save_reconstruction_grid
+from mae_search.training.schedule import lr_at
 
 EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
 # Unweighted loss terms are measured (for logging) on one step in this many.
@@ -148,10 +148,10 @@ class Trainer:
 
     def epoch_inputs(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's (uint8 images, crop/flip uniforms) per step of the epoch, on the device
-        (in memory or streamed: :func:`mae_search.stream.shuffled_batches`)."""
+        (in memory or streamed: their ``shuffled`` method)."""
         cfg = self.cfg
         steps = self.steps_per_epoch * cfg.optim.accum_iter
-        batches = shuffled_batches(self.data.pretrain, cfg.batch_size, steps, gen, cfg.seed, self.epoch,
+        batches = self.data.pretrain.shuffled(cfg.batch_size, steps, gen, cfg.seed, self.epoch,
                                    self.device, self.rank, self.world_size)
         return ((images, uniforms) for images, _, uniforms in batches)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_search.config import LossConfig
-from mae_search.masking import patchify, unpatchify
+from mae_search.mae.masking import patchify, unpatchify
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 

@@ -9,160 +9,53 @@ trial checkpoints in the search's storage.
 Tracking is a mirror, not the record: the Parquet table and Ray's storage are
 written first and independently. MLflow calls run on a thread of their own,
 in order, so Tune's driver never waits on a slow or dead server; HTTP retries
-are bounded. If MLflow fails mid-search the callback warns once and stops
-logging; the search and its results carry on, and the end of the search waits
-at most DRAIN_TIMEOUT_S for calls still queued. A tracking server that cannot
-be reached is reported before the search starts.
+are bounded (:mod:`mae_search.search.tracking`). If MLflow fails mid-search the
+callback warns once and stops logging; the search and its results carry on,
+and the end of the search waits at most DRAIN_TIMEOUT_S for calls still queued.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import queue
 import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray.tune import Callback
 
-from mae_search.config import TrainConfig
-from mae_search.metrics import mlflow_key
-from mae_search.record import (
+from mae_search.metrics import NAMES, mlflow_key
+from mae_search.search.best_encoder import log_best_encoder
+from mae_search.search.record import (
     GRID_FILE,
     TAG_BEST_RUN,
+    TAG_BEST_TRIAL,
+    TAG_COMMAND,
     TAG_ERROR,
     TAG_KIND,
-    TAG_REFERENCE,
     TAG_SEARCH,
-    TAG_SEARCHED_PREFIX,
-    TAG_SEED,
     TAG_STATUS,
-    TAG_TRIAL_ID,
-    TAG_TUNE_TRIAL,
+    TAG_STOPPED_AT,
+    TAG_STOPPED_BY,
     Status,
     TrialRecord,
     epoch_records,
+    present,
     status_after,
 )
-from mae_search.record import MLFLOW_STATE_FILE as STATE_FILE
-from mae_search.storage import Location, mlflow_db
+from mae_search.search.results import best_row, final_rows, read_results, reference_rows, trial_error
+from mae_search.search.search_dir import SPACE_FILE, SearchDir
+from mae_search.search.tracking import active_uri, client, flatten_config, git_commit, versions
+from mae_search.storage import Location
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0  # how long the end of a search waits for MLflow calls still queued
-# MLflow's own defaults retry a dead server for about 4 minutes per call (7 retries with backoff, 120 s
-# timeouts). Bounded here, unless the user set them: a tracking server that went away costs seconds.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-class TrackingError(ValueError):
-    """MLflow cannot be used as configured; one line naming the URI."""
-
-
-def default_tracking_uri(storage: str | Path | Location) -> str:
-    """The embedded store: a SQLite file beside the search results (no server needed), or in the local
-    mirror of an object store (SQLite needs a local disk; its artifacts still go to the object store)."""
-    return f"sqlite:///{mlflow_db(Location.of(storage))}"
-
-
-def resolve_tracking_uri(cli_uri: str | None, storage: str | Path | Location) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store under ``storage``."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
-
-
-def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (seconds, not after an hour of training) if the tracking store is unusable."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
-                if resp.status != 200:
-                    raise TrackingError(f"MLflow server {uri} answered /health with HTTP {resp.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
-        return
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
-    if scheme and scheme not in KNOWN_SCHEMES:
-        raise TrackingError(f"MLflow tracking URI {uri}: unknown scheme '{scheme}' (MLflow takes "
-                            f"{', '.join(sorted(KNOWN_SCHEMES))})")
-    if scheme and scheme not in ("sqlite", "file"):
-        return  # databases and databricks are checked by the first client call
-    local = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
-    if not local.parent.is_dir():  # MLflow would create the directories of a mistyped path
-        problem = "is not a directory" if local.parent.exists() else "does not exist"
-        raise TrackingError(f"MLflow tracking store {uri}: {local.parent} {problem}")
-    try:
-        _client(uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {exc})") from None
-
-
-KNOWN_SCHEMES = frozenset({"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks",
-                           "databricks-uc", "uc"})
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def flatten_config(cfg: TrainConfig) -> dict[str, str]:
-    """Dotted keys -> strings, the form MLflow params take."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-
-    walk("", cfg.model_dump(mode="json"))
-    return out
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("mae-search", "torch", "torchvision", "ray", "optuna", "mlflow"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[f"version.{pkg}"] = metadata.version(pkg)
-    return out
-
-
-# The tracking store of the driver process now running, set by the CLI before each run (None: MLflow off).
-# Tune pickles its callbacks with the experiment and restores them on --resume; reading the store from
-# here at setup (not from the pickled instance) makes --tracking-uri and --no-mlflow given on resume
-# take effect.
-_ACTIVE = {"configured": False, "uri": None}
-
-
-def configure_tracking(uri: str | None) -> None:
-    """Where this driver process logs (None: not at all); read by every MLflowSearchCallback at setup."""
-    _ACTIVE.update(configured=True, uri=uri)
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 class MLflowSearchCallback(Callback):
@@ -182,11 +75,11 @@ class MLflowSearchCallback(Callback):
     the same runs.
     """
 
-    def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path | Location,
+    def __init__(self, tracking_uri: str | None, space: Any, search_dir: str | Path | Location | SearchDir,
                  space_file: str | Path, max_epochs: int, grid_epochs: int = 3) -> None:
         self.uri = tracking_uri
         self.space = space
-        self.search_dir = Location.of(search_dir)
+        self.search_dir = SearchDir.at(search_dir)
         self.space_file = str(space_file)
         self.max_epochs = max_epochs
         # Grids at the first, middle and last epoch (plus the final one of a stopped trial).
@@ -243,23 +136,24 @@ class MLflowSearchCallback(Callback):
 
     @property
     def client(self):
-        return _client(self.uri)
+        return client(self.uri)
 
     def _save_state(self) -> None:
         state = {"parent_run_id": self.parent_id, "children": self.children, "tracking_uri": self.uri}
-        (self.search_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        self.search_dir.mlflow_state.write_text(json.dumps(state, indent=2))
 
     # ----------------------------------------------------------------- parent run
 
     def setup(self, **info: Any) -> None:
-        if self.restored and _ACTIVE["configured"]:
-            if _ACTIVE["uri"] != self.uri:  # another store than the pickled run's: start its runs afresh
+        configured, uri = active_uri()
+        if self.restored and configured:
+            if uri != self.uri:  # another store than the pickled run's: start its runs afresh
                 self.parent_id, self.experiment_id, self.children = None, None, {}
-            self.uri = _ACTIVE["uri"]
+            self.uri = uri
         self.disabled = not self.uri
         if self.disabled:
             return
-        self.search_dir.mkdir()
+        self.search_dir.root.mkdir()
         self._safe("setup", self._setup_parent)
 
     def _experiment_id(self) -> str:
@@ -269,7 +163,7 @@ class MLflowSearchCallback(Callback):
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # embedded store: artifacts in the search's storage
-            storage = self.search_dir.parent
+            storage = self.search_dir.storage
             location = (str(storage / "mlartifacts" / name) if not storage.is_local else
                         (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri())
         # Tagged as model training, so the MLflow UI opens on its runs table rather than the GenAI views.
@@ -279,7 +173,7 @@ class MLflowSearchCallback(Callback):
         return self.client.create_experiment(name, artifact_location=location, tags=tags)
 
     def _setup_parent(self) -> None:
-        state_file = self.search_dir / STATE_FILE
+        state_file = self.search_dir.mlflow_state
         if state_file.is_file():  # a resumed search continues its runs
             state = json.loads(state_file.read_text())
             if state.get("tracking_uri") == self.uri and state.get("parent_run_id"):
@@ -289,8 +183,8 @@ class MLflowSearchCallback(Callback):
                 self._log_references()
                 return
         exp_id = self.experiment_id = self._experiment_id()
-        tags = {TAG_SEARCH: self.space.name, "mae_search.command": shlex.join(sys.argv),
-                "mlflow.source.git.commit": _git_commit(), TAG_KIND: "search", **_versions()}
+        tags = {TAG_SEARCH: self.space.name, TAG_COMMAND: shlex.join(sys.argv),
+                "mlflow.source.git.commit": git_commit(), TAG_KIND: "search", **versions()}
         if self.space.description:
             tags["mlflow.note.content"] = self.space.description
         run = self.client.create_run(exp_id, run_name=self.space.name, tags=tags)
@@ -302,7 +196,7 @@ class MLflowSearchCallback(Callback):
         if Path(self.space_file).is_file():
             self.client.log_artifact(self.parent_id, self.space_file, "search_space")
         with tempfile.TemporaryDirectory() as tmp:  # the validated space, for `mae-search report --mlflow`
-            path = Path(tmp) / "search_space.json"
+            path = Path(tmp) / SPACE_FILE
             path.write_text(self.space.model_dump_json(indent=2))
             self.client.log_artifact(self.parent_id, str(path))
         self._save_state()
@@ -310,24 +204,19 @@ class MLflowSearchCallback(Callback):
 
     def _log_references(self) -> None:
         """Reference rows (random-init encoder, raw pixels) as finished child runs, once each."""
-        from mae_search.metrics import NAMES
-        from mae_search.results import RESULTS_FILE, read_results, reference_rows
-
-        path = self.search_dir / RESULTS_FILE
+        path = self.search_dir.results
         if not path.is_file():
             return
         now = int(time.time() * 1000)
-        for _, row in reference_rows(read_results(path, with_references=True)).iterrows():
+        for row in reference_rows(read_results(path, with_references=True)).to_dict("records"):
             if row["trial_id"] in self.children:
                 continue
-            tags = {"mlflow.parentRunId": self.parent_id, TAG_SEARCH: self.space.name,
-                    TAG_TRIAL_ID: row["trial_id"], TAG_SEED: str(int(row["seed"])),
-                    TAG_STATUS: str(Status.REFERENCE), TAG_REFERENCE: row["reference"]}
-            run = self.client.create_run(self.experiment_id, tags=tags,
-                                         run_name=f"reference: {row['reference']} (seed {int(row['seed'])})")
+            record = TrialRecord.from_row(row)
+            run = self.client.create_run(self.experiment_id, tags=record.mlflow_tags(self.parent_id),
+                                         run_name=f"reference: {record.reference} (seed {record.seed})")
             from mlflow.entities import Metric
 
-            metrics = [Metric(mlflow_key(k), float(row[k]), now, 0) for k in NAMES if k in row and pd_notna(row[k])]
+            metrics = [Metric(mlflow_key(k), float(row[k]), now, 0) for k in NAMES if k in row and present(row[k])]
             self.client.log_batch(run.info.run_id, metrics=metrics)
             self.client.set_terminated(run.info.run_id, "FINISHED")
             self.children[row["trial_id"]] = run.info.run_id
@@ -347,16 +236,13 @@ class MLflowSearchCallback(Callback):
         if record.trial_id in self.children or self.parent_id is None:
             return self.children.get(record.trial_id)
         cfg = record.config
-        tags = {"mlflow.parentRunId": self.parent_id, TAG_SEARCH: record.search, TAG_TRIAL_ID: record.trial_id,
-                TAG_SEED: str(record.seed), TAG_STATUS: str(Status.RUNNING)}
-        if record.tune_trial_id and record.tune_trial_id != record.trial_id:
-            tags[TAG_TUNE_TRIAL] = record.tune_trial_id
-        run = self.client.create_run(self.experiment_id, run_name=record.label()[:250], tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=record.label()[:250],
+                                     tags=record.mlflow_tags(self.parent_id))
         run_id = run.info.run_id
         self.children[record.trial_id] = run_id
         self.logged[run_id] = set()
         self._log_params(run_id, flatten_config(cfg))
-        searched = {f"{TAG_SEARCHED_PREFIX}{k}": str(v) for k, v in record.params.items()}
+        searched = record.searched_tags()
         if searched:
             self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in searched.items()])
         with tempfile.TemporaryDirectory() as tmp:
@@ -411,8 +297,6 @@ class MLflowSearchCallback(Callback):
             self._safe("trial end", self._end_seed, record, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from mae_search.results import trial_error
-
         for record in self._seeds(trial):
             self._safe("trial error", self._end_seed, record, trial_error(trial, 4000))
 
@@ -427,8 +311,8 @@ class MLflowSearchCallback(Callback):
         status = status_after(epoch, self.max_epochs)
         self.client.set_tag(run_id, TAG_STATUS, str(status))
         if status == Status.STOPPED:
-            self.client.set_tag(run_id, "mae_search.stopped_by", "ASHA")
-            self.client.set_tag(run_id, "mae_search.stopped_at_epoch", str(epoch))
+            self.client.set_tag(run_id, TAG_STOPPED_BY, "ASHA")
+            self.client.set_tag(run_id, TAG_STOPPED_AT, str(epoch))
         if ckpt and epoch not in self.grid_epochs and (Location.of(ckpt) / GRID_FILE).is_file():
             self._log_grid(run_id, Location.of(ckpt) / GRID_FILE, epoch)
         # Stopped early by ASHA is a normal end (its status tag says so); only an error is FAILED.
@@ -451,10 +335,8 @@ class MLflowSearchCallback(Callback):
         """
         if self.parent_id is None:
             return
-        from mae_search.results import RESULTS_FILE, best_row, final_rows, read_results
-
         finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-        table = self.search_dir / RESULTS_FILE
+        table = self.search_dir.results
         if table.is_file():
             with table.as_local_file() as local:
                 self.client.log_artifact(self.parent_id, str(local))
@@ -467,52 +349,11 @@ class MLflowSearchCallback(Callback):
         obj = self.space.primary
         trial_id = row["trial_id"]
         run_id = self.children.get(trial_id, "")
-        tags = [_tag("mae_search.best_trial", trial_id), _tag(TAG_BEST_RUN, run_id)]
+        tags = [_tag(TAG_BEST_TRIAL, trial_id), _tag(TAG_BEST_RUN, run_id)]
         tags += [_tag(f"best.{k.removeprefix('param.')}", str(row[k])) for k in row.index if k.startswith("param.")]
         best = mlflow_key(obj.metric).replace("/", "/best_")  # e.g. eval/best_linear_probe_acc
         self.client.log_batch(self.parent_id, metrics=[_metric(best, row[obj.metric])], tags=tags)
-        self._log_encoder(trial_id, row.get("checkpoint_path") or "")
-
-    def _log_encoder(self, trial_id: str, ckpt: str) -> None:
-        """The best trial's encoder weights + config, loadable with :func:`load_encoder`."""
-        from mae_search.checkpoint import CHECKPOINT_FILE, load_checkpoint
-        from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
-
-        if not ckpt or not (Location.of(ckpt) / CHECKPOINT_FILE).is_file():
-            return
-        state = load_checkpoint(Location.of(ckpt) / CHECKPOINT_FILE)
-        cfg = TrainConfig.model_validate(state["config"])
-        model = MaskedAutoencoderViT(cfg.model)
-        model.load_state_dict(state["model"])
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(encoder_state_dict(model), Path(tmp) / "encoder.pt")
-            (Path(tmp) / "config.json").write_text(cfg.model_dump_json(indent=2))
-            for name in ("encoder.pt", "config.json"):
-                self.client.log_artifact(self.parent_id, str(Path(tmp) / name), "best_encoder")
-                if trial_id in self.children:
-                    self.client.log_artifact(self.children[trial_id], str(Path(tmp) / name), "encoder")
-        self._log_encoder_model(model, cfg)
-
-    def _log_encoder_model(self, model: Any, cfg: TrainConfig) -> None:
-        """The best encoder as an MLflow model (``runs:/<parent run>/encoder``): images in, tokens out,
-        exported with torch.export, so ``mlflow.pytorch.load_model`` needs neither this project nor its
-        code to load it. Saved locally and logged as the run's artifacts through this callback's client:
-        no global MLflow state (``mlflow.set_tracking_uri`` would leak into the rest of the process)."""
-        import mlflow.pytorch
-
-        from mae_search.model import MAEEncoder
-
-        encoder = MAEEncoder(model).eval()
-        example = torch.rand(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            # Requirements given, not inferred: inference re-imports everything in a subprocess (tens of s).
-            mlflow.pytorch.save_model(encoder, Path(tmp) / "encoder", input_example=example.numpy(),
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            self.client.log_artifacts(self.parent_id, str(Path(tmp) / "encoder"), "encoder")
-
-
-def pd_notna(value: Any) -> bool:
-    return value is not None and value == value  # NaN is the only value unequal to itself
+        log_best_encoder(self.client, self.parent_id, self.children.get(trial_id), row.get("checkpoint_path") or "")
 
 
 def _tag(key: str, value: str):
@@ -525,22 +366,3 @@ def _metric(key: str, value: float, step: int = 0):
     from mlflow.entities import Metric
 
     return Metric(key, float(value), int(time.time() * 1000), step)
-
-
-def load_encoder(run_id: str, tracking_uri: str, artifact_path: str = "best_encoder"):
-    """Load a logged encoder back into a MaskedAutoencoderViT (decoder freshly initialised).
-
-    Use the search's parent run with ``best_encoder`` or a trial's run with
-    ``encoder``; the result is ready for probing or fine-tuning.
-    """
-    from mae_search.model import MaskedAutoencoderViT
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(_client(tracking_uri).download_artifacts(run_id, artifact_path, tmp))
-        cfg = TrainConfig.model_validate_json((local / "config.json").read_text())
-        model = MaskedAutoencoderViT(cfg.model)
-        missing, unexpected = model.load_state_dict(torch.load(local / "encoder.pt", map_location="cpu"),
-                                                    strict=False)
-    if unexpected or any(not k.startswith(("decoder", "mask_token")) for k in missing):
-        raise TrackingError(f"run {run_id}: encoder weights do not fit the logged config")
-    return model, cfg

@@ -5,7 +5,7 @@ DDP over several workers) or in one Ray task (:class:`TaskSession`, no Train
 controller or worker group to start). Both hand the same :func:`train_seed`
 the same small interface (rank, device, latest checkpoint, report), so the
 training loop and its fault handling are one piece of code; reports reach the
-trial's driver (:mod:`mae_search.trial`) through its queue either way.
+trial's driver (:mod:`mae_search.search.trial`) through its queue either way.
 
 This module imports torch; the trial driver imports it only inside the
 workers' processes, so a Tune trial's own process starts in a second.
@@ -24,14 +24,13 @@ import ray.train.torch
 import torch
 from ray.util.queue import Queue
 
-from mae_search.checkpoint import CHECKPOINT_FILE, CheckpointError
 from mae_search.config import ConfigError, TrainConfig
-from mae_search.data import DataError, load_data
-from mae_search.evaluate import evaluate_reference
-from mae_search.record import NODE_KEY
+from mae_search.data.load import DataError, load_data
+from mae_search.search.record import FATAL_KEY, GRID_FILE, NODE_KEY, REPLAY_KEY
 from mae_search.storage import Location
-from mae_search.train import Trainer, resolve_device
-from mae_search.trial import FATAL_KEY, KEEP_CHECKPOINTS, REPLAY_KEY
+from mae_search.training.checkpoint import CHECKPOINT_FILE, KEEP_CHECKPOINTS, CheckpointError
+from mae_search.training.evaluate import evaluate_reference
+from mae_search.training.train import Trainer, resolve_device
 
 
 class SeedReportCallback(ray.train.UserCallback):
@@ -149,7 +148,7 @@ def train_seed(cfg: TrainConfig, threads: int, session: Session) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             t.save(Path(tmp) / CHECKPOINT_FILE)
-            t.save_reconstruction(Path(tmp) / "reconstruction.png")
+            t.save_reconstruction(Path(tmp) / GRID_FILE)
             session.report(report, Path(tmp))
 
     trainer.fit(on_epoch_end)

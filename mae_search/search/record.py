@@ -5,9 +5,11 @@ A :class:`TrialRecord` is one trial (or reference row) at one epoch: who it is
 to, what it reported, how it ended, and where its checkpoint is. It is built
 here, in one place, from Tune's trial config and results; the results table
 (results.py) stores its :meth:`~TrialRecord.to_row` form, MLflow
-(tracking.py) logs it, and the report (report.py) reads the rows back. The
-names shared by those consumers -- files, MLflow tags, statuses -- live here
-too, so none of them is a bare string agreed on by convention.
+(tracking.py) logs it with the tags of :meth:`~TrialRecord.mlflow_tags`, and the
+report (report/) reads the rows back, from the table or through
+:func:`row_from_mlflow_tags`. The names shared by those consumers -- result keys,
+MLflow tags, statuses -- live here too, so none of them is a bare string agreed on
+by convention. The files they live in belong to :mod:`mae_search.search.search_dir`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from typing import Any
 
 from mae_search.config import TrainConfig
 
-# Files in a search's directory (<storage>/<search name>/).
-RESULTS_FILE = "results.parquet"  # one row per trial-epoch: TrialRecord.to_row()
-SPACE_FILE = "search_space.json"  # the validated space as run: what --resume, `list` and `report` read
-MLFLOW_STATE_FILE = "mlflow_runs.json"  # parent and child run ids, so a resumed search continues its runs
 GRID_FILE = "reconstruction.png"  # a trial checkpoint's reconstruction grid
 
 # MLflow tags (and the one prefix of searched values) that tracking writes and the report reads.
@@ -35,6 +33,10 @@ TAG_STATUS = "mae_search.status"
 TAG_REFERENCE = "mae_search.reference"
 TAG_ERROR = "mae_search.error"
 TAG_BEST_RUN = "mae_search.best_run_id"
+TAG_BEST_TRIAL = "mae_search.best_trial"
+TAG_COMMAND = "mae_search.command"  # the command line that ran the search, on the parent run
+TAG_STOPPED_BY = "mae_search.stopped_by"
+TAG_STOPPED_AT = "mae_search.stopped_at_epoch"
 TAG_SEARCHED_PREFIX = "search."
 PARAM_PREFIX = "param."  # results-table columns of searched values
 
@@ -70,6 +72,8 @@ TUNE_KEYS = frozenset({
 PER_SEED_KEY = "per_seed"  # a trial's Tune result: {seed: that seed's metrics} beside the mean over seeds
 REPLAYED_KEY = "replayed"  # a per-seed entry re-sent after a restore (the consumers may already hold it)
 NODE_KEY = "node_id"  # a seed's report: the Ray node it trained on
+FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
+REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs its checkpoint holds
 
 
 def present(value: Any) -> bool:
@@ -158,6 +162,21 @@ class TrialRecord:
             row["node_id"] = self.node_id
         return row
 
+    def mlflow_tags(self, parent_run_id: str) -> dict[str, str]:
+        """The tags of this trial's (or reference row's) MLflow child run: what :func:`row_from_mlflow_tags`
+        reads back, so a report rebuilt from MLflow has the table's identity columns."""
+        tags = {"mlflow.parentRunId": parent_run_id, TAG_SEARCH: self.search, TAG_TRIAL_ID: self.trial_id,
+                TAG_SEED: str(self.seed), TAG_STATUS: str(self.status)}
+        if self.tune_trial_id and self.tune_trial_id != self.trial_id:
+            tags[TAG_TUNE_TRIAL] = self.tune_trial_id
+        if self.reference:
+            tags[TAG_REFERENCE] = self.reference
+        return tags
+
+    def searched_tags(self) -> dict[str, str]:
+        """The searched values as tags (``search.<dotted key>``), read back as ``param.<dotted key>``."""
+        return {f"{TAG_SEARCHED_PREFIX}{k}": str(v) for k, v in self.params.items()}
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TrialRecord:
         """Back from a results-table row (a resumed search reloads its table this way)."""
@@ -198,3 +217,23 @@ def epoch_records(starts: list[TrialRecord], result: dict[str, Any]) -> list[tup
         node = "" if replayed else text(entry.get(NODE_KEY))
         out.append((start.at_epoch(epoch, metrics, entry.get("checkpoint_path") or "", time_s, node), replayed))
     return out
+
+
+def row_from_mlflow_tags(tags: dict[str, str]) -> dict[str, Any]:
+    """A child run's tags -> the identity columns of its results-table rows (the inverse of
+    :meth:`TrialRecord.mlflow_tags` and :meth:`TrialRecord.searched_tags`)."""
+    row: dict[str, Any] = {"search": tags[TAG_SEARCH], "trial_id": tags[TAG_TRIAL_ID],
+                           "status": tags.get(TAG_STATUS, str(Status.RUNNING)),
+                           "reference": tags.get(TAG_REFERENCE, ""), "seed": int(tags.get(TAG_SEED, 0)),
+                           "tune_trial_id": tags.get(TAG_TUNE_TRIAL, "")}
+    row.update({f"{PARAM_PREFIX}{k.removeprefix(TAG_SEARCHED_PREFIX)}": _parse_tag(v) for k, v in tags.items()
+                if k.startswith(TAG_SEARCHED_PREFIX)})
+    return row
+
+
+def _parse_tag(text: str) -> Any:
+    """A searched value logged as a tag string, back to its number (or the string, for a variant name)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

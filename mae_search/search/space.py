@@ -22,30 +22,21 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from mae_search.config import (
     ConfigError,
+    StrictModel,
     TrainConfig,
     describe_validation_error,
     known_parameters,
-    no_bool_numbers,
     read_text,
     read_yaml,
 )
 from mae_search.metrics import BY_NAME, NAMES
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _numbers_are_numbers(cls, data: Any) -> Any:
-        return no_bool_numbers(cls, data)
-
-
-class Dimension(_Strict):
+class Dimension(StrictModel):
     """Exactly one of: grid (fixed values, a one-factor ablation), choice, uniform, loguniform, int,
     or variants (named bundles of settings, e.g. original vs improved MAE; run like a grid)."""
 
@@ -94,7 +85,7 @@ class Dimension(_Strict):
         return list(self.variants) if self.kind == "variants" else list(self.grid or self.choice or [])
 
 
-class Objective(_Strict):
+class Objective(StrictModel):
     metric: str
     mode: Literal["max", "min"]
 
@@ -105,7 +96,7 @@ class Objective(_Strict):
         return self
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(StrictModel):
     """ASHA early stopping, in epochs; ``none`` runs every trial to the end (a full ablation)."""
 
     type: Literal["asha", "none"] = "asha"
@@ -114,7 +105,7 @@ class SchedulerSpec(_Strict):
     max_epochs: int | None = Field(None, ge=1)
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -135,7 +126,7 @@ class Resources(_Strict):
         return self.runner == "ray_train" or (self.runner == "auto" and self.workers > 1)
 
 
-class SearchSpace(_Strict):
+class SearchSpace(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
     factor: str | None = Field(None, description="the ablated parameter a report table is built around")

@@ -16,8 +16,9 @@ read a split once, in shard order. Until the last epoch they use the first
 same images for every trial); at the last epoch, with
 ``data.final_eval: full``, they stream every labelled image.
 
-:func:`shuffled_batches` and :func:`ordered_batches` are the two ways any
-loop (pre-training, fine-tuning, evaluation) reads a split, whichever kind it is.
+A :class:`PreparedSet` reads like an in-memory :class:`~mae_search.data.memory.ImageSet`:
+``shuffled`` and ``in_order`` are the two ways any loop (pre-training,
+fine-tuning, evaluation) reads a split, whichever kind it is.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mae_search.data import DataError, ImageSet, draw_crop_flip, epoch_batches
-from mae_search.prepare import Manifest, decode, read_manifest, read_shard
+from mae_search.data.memory import DataError, ImageSet, check_steps, draw_crop_flip
+from mae_search.data.shards import Manifest, decode, read_manifest, read_shard
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, C, H, W), int64 labels (B,)
 
@@ -177,13 +178,25 @@ class PreparedSet:
                           prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None,
                           worker_init_fn=_release_shard_buffers if workers else None)
 
+    def shuffled(self, batch_size: int, steps: int, gen: torch.Generator, seed: int, epoch: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's (uint8 images, labels, crop/flip uniforms) for ``steps`` steps of an epoch, on the
+        device: batches streamed from decode workers, pinned and copied without blocking; the uniforms
+        drawn from ``gen`` as in memory."""
+        check_steps(len(self), batch_size, steps)
+        uniforms = draw_crop_flip(steps * batch_size, gen).to(device).split(batch_size)
+        loader = self.batches(batch_size, steps, seed, epoch, rank, world_size)
+        return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True), u)
+                for (x, y), u in zip(loader, uniforms, strict=True))
+
     def batches(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
         """``steps`` shuffled (images, labels) batches of this rank's shards for one epoch."""
         return self._loader(EpochStream(self.manifest, self.split, batch_size, steps, seed, epoch, rank,
                                         world_size, self.shuffle_shards))
 
-    def in_order(self, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    def in_order(self, batch_size: int = 256, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Every image of this rank's shards once, with its label (an evaluation pass)."""
         return self._loader(OrderedStream(self.manifest, self.split, batch_size, rank, world_size))
 
@@ -191,40 +204,27 @@ class PreparedSet:
 Labelled = ImageSet | PreparedSet
 
 
-def shuffled_batches(data: Labelled, batch_size: int, steps: int, gen: torch.Generator, seed: int, epoch: int,
-                     device: torch.device, rank: int = 0, world_size: int = 1
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """This rank's (uint8 images, labels, crop/flip uniforms) for ``steps`` steps of an epoch, on the device.
+@dataclass
+class DataSplits:
+    """What a trial reads. ``pretrain`` feeds MAE (in memory, or streamed from a prepared set);
+    ``train``/``test`` are the labelled splits for probing, k-NN and fine-tuning, in memory. A prepared
+    set also gives its whole labelled splits, streamed (``full_train``/``full_test``), for the last
+    epoch's evaluation."""
 
-    In memory (``data`` already on the device), the image indices and the
-    uniforms are drawn on the CPU from ``gen`` and copied in one transfer each:
-    a host-to-device copy inside the step would make the host wait for the
-    device every step instead of queueing the next step's work. A prepared set
-    streams its batches from decode workers, pinned and copied without blocking.
-    """
-    if steps < 1:
-        raise DataError(f"data set of {len(data)} images is smaller than one batch of {batch_size} per worker")
-    if isinstance(data, ImageSet):
-        order = torch.cat(epoch_batches(len(data), batch_size, gen, rank, world_size)[:steps])
-        uniforms = draw_crop_flip(len(order), gen)
-        pairs = zip(order.to(device).split(batch_size), uniforms.to(device).split(batch_size), strict=True)
-        return ((data.images[idx], data.labels[idx], u) for idx, u in pairs)
-    uniforms = draw_crop_flip(steps * batch_size, gen).to(device).split(batch_size)
-    loader = data.batches(batch_size, steps, seed, epoch, rank, world_size)
-    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True), u)
-            for (x, y), u in zip(loader, uniforms, strict=True))
+    pretrain: Labelled
+    train: ImageSet
+    test: ImageSet
+    full_train: PreparedSet | None = None
+    full_test: PreparedSet | None = None
 
-
-def ordered_batches(data: Labelled, batch_size: int = 256, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """Every image of this rank's part of a split once, with its label, on the CPU (an evaluation pass).
-
-    In memory, rank r of w takes images r, r + w, ...; streamed, it takes every
-    w-th shard. Either way the ranks' parts are disjoint and cover the split.
-    """
-    if isinstance(data, ImageSet):
-        images, labels = data.images[rank::world_size], data.labels[rank::world_size]
-        return zip(images.split(batch_size), labels.split(batch_size), strict=True)
-    return iter(data.in_order(batch_size, rank, world_size))
+    def labelled(self, final: bool) -> tuple[Labelled, Labelled]:
+        """The (train, test) an evaluation uses: the whole splits at the last epoch where there are
+        streamed ones, else the in-memory ones."""
+        train, test = self.train, self.test
+        if final:
+            train = self.full_train if self.full_train is not None else train
+            test = self.full_test if self.full_test is not None else test
+        return train, test
 
 
 def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
@@ -242,20 +242,8 @@ def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
                     tuple(manifest.classes))
 
 
-@dataclass
-class PreparedSplits:
-    """What a prepared set gives a trial: the streamed pre-training split, the labelled subsets in memory,
-    and the whole labelled splits streamed (for the last epoch's evaluation)."""
-
-    pretrain: PreparedSet
-    train: ImageSet
-    test: ImageSet
-    full_train: PreparedSet
-    full_test: PreparedSet
-
-
 def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, shuffle_shards: int
-                  ) -> PreparedSplits:
+                  ) -> DataSplits:
     """Streamed pre-training split, in-memory labelled subsets, and the streamed whole labelled splits."""
     manifest = read_manifest(path)
     if manifest.resolution != size:
@@ -266,5 +254,5 @@ def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, s
     def streamed(split: str) -> PreparedSet:
         return PreparedSet(manifest, split, decode_workers, shuffle_shards)
 
-    return PreparedSplits(streamed(pretrain_split(manifest)), load_labelled(manifest, "train", eval_images),
+    return DataSplits(streamed(pretrain_split(manifest)), load_labelled(manifest, "train", eval_images),
                           load_labelled(manifest, test, eval_images), streamed("train"), streamed(test))

@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.table import Table
 
 from mae_search.metrics import metric
-from mae_search.record import TrialRecord
-from mae_search.search_space import SearchSpace
+from mae_search.search.record import TrialRecord
+from mae_search.search.space import SearchSpace
 
 
 @dataclass

@@ -4,7 +4,7 @@
   after the encoder's final norm, BatchNorm1d without affine (eps 1e-6) then a
   linear head, trained with SGD on the labelled split;
 * k-NN: cosine-similarity weighted vote (k=20, T=0.07, as in DINO/InstDisc);
-* full and partial fine-tuning (:mod:`mae_search.finetune`);
+* full and partial fine-tuning (:mod:`mae_search.training.finetune`);
 * reconstruction on held-out images under a fixed masking seed: masked MSE in
   the training target space, and PSNR / Laplacian (high-frequency) error in
   [0, 1] pixel space on removed pixels. Under norm-pix targets the prediction
@@ -16,7 +16,7 @@
 
 The reference rows -- the same seed's random initialisation and raw pixels --
 go through the very same functions (:func:`evaluate_reference`). A split is
-in memory or streamed from a prepared set (:mod:`mae_search.stream`); either
+in memory or streamed from a prepared set (:mod:`mae_search.data.stream`); either
 way the probe and k-NN hold only its features.
 """
 
@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import EvalConfig, FinetuneConfig, ModelConfig
-from mae_search.data import denormalize, normalize
-from mae_search.finetune import finetune
-from mae_search.losses import laplacian, masked_mse, patch_targets, pixel_mask
-from mae_search.masking import patchify, unpatchify
-from mae_search.model import MaskedAutoencoderViT, encoder_state_dict
-from mae_search.stream import Labelled, PreparedSet, ordered_batches
+from mae_search.data.memory import denormalize, normalize
+from mae_search.data.stream import Labelled, PreparedSet
+from mae_search.mae.losses import laplacian, masked_mse, patch_targets, pixel_mask
+from mae_search.mae.masking import patchify, unpatchify
+from mae_search.mae.model import MaskedAutoencoderViT, encoder_state_dict
+from mae_search.training.finetune import finetune
 
 REFERENCE_KINDS = ("random_init", "raw_pixels")
 RAW_PIXEL_SIZE = 32  # raw-pixel features are taken at most at 32 x 32 (3072 numbers), whatever the image size
@@ -57,7 +57,7 @@ def extract_features(
     """Frozen-encoder features of every image, with labels: CLS token (the paper's probe) or mean of patch
     tokens. A streamed split is read once; only the features stay in memory (D numbers an image)."""
     model.eval()
-    return collect_features(ordered_batches(data, batch_size), len(data),
+    return collect_features(data.in_order(batch_size), len(data),
                             lambda images: pooled(model.forward_features(normalize(images.to(device))), pool))
 
 
@@ -74,7 +74,7 @@ def pixel_features(data: Labelled, device: torch.device) -> Features:
             x = F.interpolate(x, size=(RAW_PIXEL_SIZE, RAW_PIXEL_SIZE), mode="area")
         return x.flatten(1)
 
-    return collect_features(ordered_batches(data, 512), len(data), flat_pixels)
+    return collect_features(data.in_order(512), len(data), flat_pixels)
 
 
 def collect_features(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,

@@ -24,7 +24,6 @@ download (``search_spaces/imagenet100_tiny.yaml``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -33,18 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from mae_search.data import DataError
+from mae_search.data import sources
+from mae_search.data.memory import DataError
+from mae_search.data.shards import FORMAT, MANIFEST
 from mae_search.storage import Location
 
-FORMAT = "mae-search-prepared/1"
-MANIFEST = "manifest.json"
 SourceKind = Literal["imagefolder", "stl10", "cifar10", "synthetic_shapes"]
-NATIVE_RESOLUTION = {"stl10": 96, "cifar10": 32, "imagefolder": 224, "synthetic_shapes": 32}
-SYNTHETIC = "synthetic_shapes"  # the SOURCE that names the embedded generated set instead of a directory
-SYNTHETIC_SEEDS = {"train": 10_000, "test": 20_000}  # the in-memory set's for seed 0
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -91,90 +84,22 @@ class Receipt:
     reused: bool = False
 
 
-# --------------------------------------------------------------------------- sources
-
-
-def detect_kind(root: Path) -> SourceKind:
-    """The source's format from its layout (STL-10 binary, CIFAR-10 python batches, or class folders)."""
-    if (root / "stl10_binary").is_dir() or (root / "train_X.bin").is_file():
-        return "stl10"
-    if (root / "cifar-10-batches-py").is_dir() or (root / "data_batch_1").is_file():
-        return "cifar10"
-    if (root / "train").is_dir():
-        return "imagefolder"
-    raise DataError(f"prepare: {root} is not an ImageFolder tree (train/, val/), STL-10 or CIFAR-10 directory")
-
-
-def imagefolder_splits(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """Classes (train's folder names, sorted, as torchvision's ImageFolder) and each split's (path, label)."""
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"prepare: {root / 'train'} has no class folders")
-    index = {name: i for i, name in enumerate(classes)}
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for split in ("train", "val", "test"):
-        if not (root / split).is_dir():
-            continue
-        items = []
-        for class_dir in sorted(d for d in (root / split).iterdir() if d.is_dir()):
-            if class_dir.name not in index:
-                raise DataError(f"prepare: {class_dir} is a class that train/ does not have")
-            items += [(str(f.relative_to(root)), index[class_dir.name]) for f in sorted(class_dir.rglob("*"))
-                      if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
-        if not items:
-            raise DataError(f"prepare: no images under {root / split}")
-        splits[split] = items
-    return classes, splits
-
-
-def _stl_root(root: Path) -> Path:
-    return root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
-
-
-def _cifar_root(root: Path) -> Path:
-    return root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-
-
-def synthetic_counts(settings: PrepareSettings) -> dict[str, int]:
-    train = settings.synthetic_images or 8000
-    return {"train": train, "test": max(16, train // 8)}
-
-
-@functools.cache
-def _synthetic_split(split: str, count: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """A whole generated split (its images depend on its size, so a shard cannot be generated alone);
-    cached, as a task process makes several shards of it."""
-    from mae_search.data import synthetic_shapes
-
-    data = synthetic_shapes(count, resolution, seed=SYNTHETIC_SEEDS[split])
-    return data.images.permute(0, 2, 3, 1).contiguous().numpy(), data.labels.numpy()
-
-
-def array_splits(settings: PrepareSettings) -> tuple[list[str], dict[str, int]]:
-    """Classes and image counts per split of the array formats (read from the file sizes and headers)."""
-    kind, root = settings.kind, Path(settings.root)
-    if kind == SYNTHETIC:
-        from mae_search.data import SHAPE_CLASSES
-
-        return list(SHAPE_CLASSES), synthetic_counts(settings)
-    if kind == "stl10":
-        stl = _stl_root(root)
-        names = stl / "class_names.txt"
-        classes = names.read_text().split() if names.is_file() else [str(i) for i in range(10)]
-        counts = {}
-        for split, file in (("train", "train_X.bin"), ("test", "test_X.bin"), ("unlabeled", "unlabeled_X.bin")):
-            path = stl / file
-            if path.is_file():
-                if path.stat().st_size % (3 * 96 * 96):
-                    raise DataError(f"stl10: {path} is truncated or not an STL-10 image file")
-                counts[split] = path.stat().st_size // (3 * 96 * 96)
-        if "train" not in counts:
-            raise DataError(f"stl10: missing file {stl / 'train_X.bin'}")
-        return classes, counts
-    from mae_search.data import _unpickle
-
-    cifar = _cifar_root(root)
-    return list(_unpickle(cifar / "batches.meta")["label_names"]), {"train": 50_000, "test": 10_000}
+def settings_for(source: str, dataset: str | None, resolution: int | None, quality: int,
+                 images: int | None) -> PrepareSettings:
+    """What ``mae-search prepare SOURCE`` makes, checked in one line: the embedded generated set by name,
+    or a directory whose format is given (``--dataset``) or detected from its layout."""
+    if source == sources.SYNTHETIC:
+        kind, root = sources.SYNTHETIC, sources.SYNTHETIC
+    else:
+        path = Path(source).expanduser().resolve()
+        if not path.is_dir():
+            raise DataError(f"prepare: source {path} does not exist or is not a directory")
+        if dataset not in (None, "imagefolder", "stl10", "cifar10"):
+            raise DataError(f"prepare: --dataset {dataset}: expected imagefolder, stl10 or cifar10")
+        if images is not None:
+            raise DataError("prepare: --images applies to synthetic_shapes only")
+        kind, root = dataset or sources.detect_kind(path), str(path)
+    return PrepareSettings(kind, root, resolution or sources.SOURCES[kind].native_resolution, quality, images)
 
 
 def plan_shards(settings: PrepareSettings, shard_size: int) -> tuple[list[str], list[ShardPlan]]:
@@ -182,47 +107,16 @@ def plan_shards(settings: PrepareSettings, shard_size: int) -> tuple[list[str], 
     root = Path(settings.root)
     plans: list[ShardPlan] = []
     if settings.kind == "imagefolder":
-        classes, splits = imagefolder_splits(root)
+        classes, splits = sources.imagefolder_items(root)
         for split, items in splits.items():
             for i, start in enumerate(range(0, len(items), shard_size)):
                 plans.append(ShardPlan(split, i, items=tuple(items[start:start + shard_size])))
         return classes, plans
-    classes, counts = array_splits(settings)
+    classes, counts = sources.SOURCES[settings.kind].catalogue(root, settings.synthetic_images)
     for split, count in counts.items():
         for i, start in enumerate(range(0, count, shard_size)):
             plans.append(ShardPlan(split, i, start=start, stop=min(count, start + shard_size)))
     return classes, plans
-
-
-def _array_images(settings: PrepareSettings, plan: ShardPlan) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, H, W, 3) images and labels of an index range of STL-10 or CIFAR-10 (reading only that
-    range) or of the generated set."""
-    root = Path(settings.root)
-    if settings.kind == SYNTHETIC:
-        images, labels = _synthetic_split(plan.split, synthetic_counts(settings)[plan.split], settings.resolution)
-        return images[plan.start:plan.stop], labels[plan.start:plan.stop]
-    if settings.kind == "stl10":
-        stl = _stl_root(root)
-        file = {"train": "train_X.bin", "test": "test_X.bin", "unlabeled": "unlabeled_X.bin"}[plan.split]
-        images = np.memmap(stl / file, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)[plan.start:plan.stop]
-        images = np.ascontiguousarray(images.transpose(0, 3, 2, 1))  # stored column-major (C, W, H)
-        if plan.split == "unlabeled":
-            return images, np.full(len(images), -1, dtype=np.int64)
-        labels = np.fromfile(stl / file.replace("_X", "_y"), dtype=np.uint8).astype(np.int64) - 1
-        return images, labels[plan.start:plan.stop]
-    from mae_search.data import _cifar_batch
-
-    cifar = _cifar_root(root)
-    names = [f"data_batch_{i}" for i in range(1, 6)] if plan.split == "train" else ["test_batch"]
-    per_batch = 10_000
-    parts, labels = [], []
-    for b, name in enumerate(names):
-        lo, hi = max(plan.start, b * per_batch), min(plan.stop, (b + 1) * per_batch)
-        if lo < hi:
-            data, y = _cifar_batch(cifar / name)
-            parts.append(data.reshape(-1, 3, 32, 32)[lo - b * per_batch:hi - b * per_batch].transpose(0, 2, 3, 1))
-            labels.append(y[lo - b * per_batch:hi - b * per_batch])
-    return np.ascontiguousarray(np.concatenate(parts)), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------- one shard (a Ray task)
@@ -240,9 +134,7 @@ def encode_shard(settings: PrepareSettings, plan: ShardPlan) -> tuple[bytes, int
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from mae_search.data import square_image
-
-    square = square_image(settings.resolution)
+    square = sources.square_image(settings.resolution)
     images, labels, keys, skipped = [], [], [], []
     if settings.kind == "imagefolder":
         root = Path(settings.root)
@@ -257,7 +149,8 @@ def encode_shard(settings: PrepareSettings, plan: ShardPlan) -> tuple[bytes, int
             labels.append(label)
             keys.append(rel)
     else:
-        pixels, ys = _array_images(settings, plan)
+        pixels, ys = sources.SOURCES[settings.kind].read_range(
+            Path(settings.root), plan.split, plan.start, plan.stop, settings.resolution, settings.synthetic_images)
         for i, (array, label) in enumerate(zip(pixels, ys, strict=True)):
             images.append(_jpeg(square(Image.fromarray(array)), settings.quality))
             labels.append(int(label))
@@ -339,60 +232,3 @@ def write_manifest(settings: PrepareSettings, out: Location, classes: list[str],
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return PrepareSummary(images=sum(s["images"] for s in splits.values()), shards=len(plans),
                           reused=sum(r.reused for r in receipts.values()), skipped=skipped, manifest=out / MANIFEST)
-
-
-# --------------------------------------------------------------------------- reading back
-
-
-@dataclass(frozen=True)
-class Manifest:
-    root: Location
-    resolution: int
-    classes: tuple[str, ...]
-    splits: dict[str, list[dict[str, Any]]]  # split -> its shards (file, images, sha256)
-
-    def images(self, split: str) -> int:
-        return sum(s["images"] for s in self.splits.get(split, []))
-
-
-def read_manifest(path: str | Path | Location) -> Manifest:
-    """A prepared set's manifest (the file, or the directory holding it), checked; one line when unusable."""
-    where = Location.of(path)
-    if not where.name.endswith(".json"):
-        where = where / MANIFEST
-    if not where.is_file():
-        raise DataError(f"prepared: no manifest at {where} (run `mae-search prepare SOURCE OUT` first)")
-    try:
-        data = json.loads(where.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
-        splits = {name: list(s["shards"]) for name, s in data["splits"].items()}
-        return Manifest(where.parent, int(data["resolution"]), tuple(data["classes"]), splits)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"prepared: {where} is not a usable manifest ({exc})") from None
-
-
-def read_shard(manifest: Manifest, shard: dict[str, Any]) -> tuple[list[bytes], np.ndarray]:
-    """A shard's JPEG bytes and labels; a missing, truncated or altered shard is one line naming the file."""
-    import pyarrow.parquet as pq
-
-    where = manifest.root / shard["file"]
-    if not where.is_file():
-        raise DataError(f"prepared: shard {where} is missing (rerun `mae-search prepare` to remake it)")
-    data = where.read_bytes()
-    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-        raise DataError(f"prepared: shard {where} is truncated or altered (checksum mismatch; rerun "
-                        f"`mae-search prepare` to remake it)")
-    table = pq.read_table(io.BytesIO(data))
-    return table.column("image").to_pylist(), table.column("label").to_numpy()
-
-
-def decode(jpeg: bytes, where: str) -> np.ndarray:
-    """One stored image -> uint8 (3, H, W); a corrupt one is one line naming the shard and row."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(jpeg)) as img:
-            return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"prepared: corrupt image at {where} ({type(exc).__name__})") from None

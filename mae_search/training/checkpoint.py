@@ -18,6 +18,7 @@ from mae_search.storage import Location
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
+KEEP_CHECKPOINTS = 2  # per seed run: the latest, and the one before it in case the latest is damaged
 
 
 class CheckpointError(ValueError):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import ModelConfig
-from mae_search.masking import patchify, random_masking
+from mae_search.mae.masking import patchify, random_masking
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
@@ -173,15 +173,14 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask, ids_restore = random_masking(self.embed(imgs), mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.encode(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder on all tokens (no masking), for probing and k-NN: (B, 1 + N, D)."""
-        x = self.embed(imgs)
+        return self.encode(self.embed(imgs))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's blocks on embedded patch tokens (all, or the visible ones), behind the CLS token."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:

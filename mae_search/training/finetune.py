@@ -6,7 +6,7 @@ gets ``layer_decay ** (depth + 1 - i)`` of the lr), per-step warm-up then
 cosine, label smoothing, drop path, gradient clipping, global-average-pooled
 features into a linear head, and optionally mixup/cutmix (timm's ``Mixup``).
 Images in memory stay on the device, a prepared set's are streamed
-(:mod:`mae_search.stream`); either way they are cropped/flipped a batch at a
+(:mod:`mae_search.data.stream`); either way they are cropped/flipped a batch at a
 time, as in pre-training. Under DDP every rank trains on its shard of the labelled set
 (gradients averaged by the wrapper) and evaluates its shard of the test set;
 the counts are summed, so every rank returns the same accuracy.
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import FinetuneConfig, ModelConfig
-from mae_search.data import crop_flip, normalize
-from mae_search.model import ViTClassifier
-from mae_search.schedule import lr_at
-from mae_search.stream import Labelled, ordered_batches, shuffled_batches
+from mae_search.data.memory import crop_flip, normalize
+from mae_search.data.stream import Labelled
+from mae_search.mae.model import ViTClassifier
+from mae_search.training.schedule import lr_at
 
 
 @dataclass
@@ -105,7 +105,7 @@ def finetune(
         step = 0
         net.train()
         for epoch in range(cfg.epochs):
-            batches = shuffled_batches(train, cfg.batch_size, steps_per_epoch, gen, seed, epoch, device, rank,
+            batches = train.shuffled(cfg.batch_size, steps_per_epoch, gen, seed, epoch, device, rank,
                                        world_size)
             for images, y, u in batches:
                 for g in optimizer.param_groups:
@@ -133,7 +133,7 @@ def classifier_accuracy(model: nn.Module, test: Labelled, device: torch.device, 
     """Top-1 over the whole test split; each rank scores its part of it and the counts are summed."""
     model.eval()
     correct = torch.zeros((), device=device)
-    for x, y in ordered_batches(test, batch_size, rank, world_size):
+    for x, y in test.in_order(batch_size, rank, world_size):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(normalize(x.to(device)))
         correct += (logits.argmax(1) == y.to(device)).sum()

@@ -7,7 +7,7 @@ Optuna and ASHA see the mean over seeds.
 
 This module does not import torch: it is what every Tune trial's own process
 imports, and torch with the project's model code costs seconds per trial.
-The training code (:mod:`mae_search.seed_run`) is imported in the processes
+The training code (:mod:`mae_search.search.seed_run`) is imported in the processes
 that train.
 """
 
@@ -24,19 +24,23 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mae_search.config import TrainConfig
 from mae_search.metrics import BY_NAME
-from mae_search.record import PER_SEED_KEY, REPLAYED_KEY, numbers, seed_trial_id, split_config
-from mae_search.search_space import SearchSpace
+from mae_search.search.record import (
+    FATAL_KEY,
+    PER_SEED_KEY,
+    REPLAY_KEY,
+    REPLAYED_KEY,
+    numbers,
+    seed_trial_id,
+    split_config,
+)
+from mae_search.search.search_dir import SearchDir
+from mae_search.search.space import SearchSpace
 from mae_search.storage import Location
-
-TRAIN_RUNS_DIR = "train_runs"  # one run directory per trial and seed (checkpoints), under the search's
-FATAL_KEY = "fatal_error"  # a worker's report of an error that a retry would only repeat
-REPLAY_KEY = "replayed_history"  # a restored worker's first report: the epochs its checkpoint holds
-KEEP_CHECKPOINTS = 2  # per seed run: the latest, and the one before it in case the latest is damaged
 
 
 def seed_task(loop_config: dict[str, Any], run_dir: Location, queue: Queue) -> None:
     """A seed's Ray task (``ray_task`` runner): the training code is imported in the task's process."""
-    from mae_search.seed_run import run_seed_task
+    from mae_search.search.seed_run import run_seed_task
 
     run_seed_task(loop_config, run_dir, queue)
 
@@ -95,13 +99,14 @@ class SeedAverager:
         return out
 
 
-def seed_trainer(space: SearchSpace, storage: Location, trial_id: str, cfg: TrainConfig, queue: Queue) -> Any:
+def seed_trainer(space: SearchSpace, search_dir: SearchDir, trial_id: str, cfg: TrainConfig, queue: Queue) -> Any:
     """The Ray Train run of one seed of a trial. Its name is fixed by (trial, seed), so a restarted
     trial's run restores from its own checkpoints."""
     import ray.train.torch  # torch: imported by the trials that train with Ray Train only
 
-    from mae_search.ddp import LoopbackTorchConfig
-    from mae_search.seed_run import SeedReportCallback, train_loop_per_worker
+    from mae_search.search.ddp import LoopbackTorchConfig
+    from mae_search.search.seed_run import SeedReportCallback, train_loop_per_worker
+    from mae_search.training.checkpoint import KEEP_CHECKPOINTS
 
     res = space.resources
     return ray.train.torch.TorchTrainer(
@@ -115,7 +120,7 @@ def seed_trainer(space: SearchSpace, storage: Location, trial_id: str, cfg: Trai
         ),
         run_config=ray.train.RunConfig(
             name=seed_trial_id(trial_id, cfg.seed, space.seed_averaged),
-            storage_path=str(train_runs_dir(space, storage)),
+            storage_path=str(search_dir.train_runs),
             failure_config=ray.train.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=[SeedReportCallback(queue, cfg.seed)],
@@ -124,7 +129,7 @@ def seed_trainer(space: SearchSpace, storage: Location, trial_id: str, cfg: Trai
     )
 
 
-def run_trial(config: dict[str, Any], space: SearchSpace, storage: Location, parallel_seeds: int = 1) -> None:
+def run_trial(config: dict[str, Any], space: SearchSpace, search_dir: SearchDir, parallel_seeds: int = 1) -> None:
     """Tune trainable: one trial = one configuration, trained as one run per seed (a Ray task, or a
     Ray Train worker group for DDP); ``parallel_seeds`` of them run at once (what the cluster holds,
     see plan_concurrency)."""
@@ -138,7 +143,7 @@ def run_trial(config: dict[str, Any], space: SearchSpace, storage: Location, par
     def fit(seed: int) -> None:
         with slots:
             try:
-                train_one_seed(space, storage, trial_id, space.trial_config(params, seed), queue)
+                train_one_seed(space, search_dir, trial_id, space.trial_config(params, seed), queue)
             except BaseException as exc:  # noqa: BLE001 - re-raised by the trial's thread below
                 errors.append(exc)
 
@@ -157,28 +162,23 @@ def run_trial(config: dict[str, Any], space: SearchSpace, storage: Location, par
             return
 
 
-def train_one_seed(space: SearchSpace, storage: Location, trial_id: str, cfg: TrainConfig, queue: Queue) -> None:
+def train_one_seed(space: SearchSpace, search_dir: SearchDir, trial_id: str, cfg: TrainConfig, queue: Queue) -> None:
     """Train one seed of a trial to the end, its reports going to ``queue``; blocks until it is done.
 
     The seed's run directory is named by (trial, seed), so a restarted trial's run restores from its
     own checkpoints, whichever runner trains it.
     """
     if space.resources.uses_ray_train:
-        seed_trainer(space, storage, trial_id, cfg, queue).fit()
+        seed_trainer(space, search_dir, trial_id, cfg, queue).fit()
         return
     res = space.resources
-    run_dir = train_runs_dir(space, storage) / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
+    run_dir = search_dir.train_runs / seed_trial_id(trial_id, cfg.seed, space.seed_averaged)
     run_dir.mkdir()
     task = ray.remote(seed_task).options(
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
         max_retries=space.max_failures, retry_exceptions=False,  # a lost process is retried, an error is not
     )
     ray.get(task.remote(loop_config(space, cfg), run_dir, queue))
-
-
-def train_runs_dir(space: SearchSpace, storage: Location) -> Location:
-    """Where the seeds' run directories (their checkpoints) live, whichever runner trains them."""
-    return storage / space.name / TRAIN_RUNS_DIR
 
 
 def loop_config(space: SearchSpace, cfg: TrainConfig) -> dict[str, Any]:

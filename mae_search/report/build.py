@@ -1,0 +1,121 @@
+"""Ablation reports regenerated from recorded results, never from numbers typed by hand.
+
+Input is a trials table -- read from a search's ``results.parquet`` or rebuilt
+from its MLflow experiment; both give the same columns, so both give the same
+report. The report is a list of blocks (headings, paragraphs, tables,
+images) rendered to Markdown (``README.md``, tables GitHub renders), one
+self-contained HTML file, and CSV per table. Every number is formatted from
+the table; nothing depends on time or machine, so the Markdown is
+byte-identical on a rerun.
+
+Each report archives its input under ``<out>/data/`` (table, search space,
+best reconstruction) so the command in its header regenerates it anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from mae_search.report.load import (
+    GRID_FILE,
+    ReportError,
+    SearchRecord,
+)
+from mae_search.report.plots import plot_curves, plot_factor, plot_pareto
+from mae_search.report.render import (
+    Report,
+    render_html,
+    render_latex,
+    render_markdown,
+)
+from mae_search.report.tables import (
+    ablation_tables,
+    best_trials_table,
+    importance_table,
+    pareto_table,
+    stopped_table,
+)
+from mae_search.search.record import Status
+from mae_search.search.results import final_rows
+from mae_search.search.search_dir import RESULTS_FILE, SPACE_FILE
+
+
+def build_report(records: list[SearchRecord], command: str) -> Report:
+    if not records:
+        raise ReportError("no search to report on")
+    space = records[0].space
+    table = pd.concat([r.table for r in records], ignore_index=True)
+    names = sorted(table["search"].unique()) if not table.empty else [space.name]
+    report = Report(title=f"Report: {', '.join(names)}")
+    report.text(f"Regenerate with `{command}` (generated from recorded results only).")
+    if space.description:
+        report.text(space.description)
+    final = final_rows(table) if not table.empty else table
+    # Counted per configuration (the seeds of a seed-averaged trial end together).
+    counts = final.groupby("tune_trial_id")["status"].first().value_counts().to_dict() if not final.empty else {}
+    expected = sum(r.space.total_trials() for r in records)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+    recorded = final["tune_trial_id"].nunique() if not final.empty else 0
+    each = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
+    report.text(f"Trials recorded: {recorded} of {expected} planned{each} ({summary}). "
+                f"Objective: {space.primary.mode} {space.primary.metric}.")
+    if final.empty or not (final["status"] == Status.COMPLETED).any():
+        report.text("**No trial has finished yet**: tables below will fill in as trials complete.")
+    if space.is_grid:
+        ablation_tables(space, table, report)
+        png = plot_factor(space, table)
+        if png:
+            report.image("factor.png", png, "metric vs ablated factor")
+    else:
+        best_trials_table(space, table, report)
+        importance_table(space, table, report)
+    front = pareto_table(space, table, report)
+    png = plot_pareto(space, table, front)
+    if png is not None and not front.empty:
+        report.image("pareto.png", png, "Pareto front: accuracy vs pretraining time")
+    stopped_table(table, space, report)
+    curves = plot_curves(space, table)
+    if curves:
+        report.heading("Learning curves")
+        report.image("curves.png", curves, "learning curves")
+    grid = next((r.grid_png for r in records if r.grid_png), None)
+    if grid:
+        report.heading("Best trial: reconstructions")
+        report.text("Columns: original | masked | reconstruction | reconstruction with visible patches.")
+        report.image(GRID_FILE, grid, "best trial reconstructions")
+    return report
+
+
+
+def write_report(records: list[SearchRecord], out: str | Path, command: str) -> Path:
+    """Write README.md, report.html, tables/*.csv, plots and the data/ archive under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(records) == 1:
+        archive(records[0], out / "data")
+    report = build_report(records, command)
+    (out / "README.md").write_text(render_markdown(report))
+    (out / "report.html").write_text(render_html(report))
+    tables = out / "tables"
+    if tables.exists():
+        shutil.rmtree(tables)
+    tables.mkdir()
+    for t in report.tables:
+        pd.DataFrame(t.rows, columns=t.headers).to_csv(tables / f"{t.name}.csv", index=False)
+        (tables / f"{t.name}.tex").write_text(render_latex(t))
+    for name, data in {**report.images, **report.vectors}.items():
+        (out / name).write_bytes(data)
+    return out / "README.md"
+
+
+
+def archive(record: SearchRecord, data_dir: Path) -> None:
+    """Copy the report's input beside it, so the header's command regenerates it from a clean clone."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record.table.to_parquet(data_dir / RESULTS_FILE, index=False)
+    (data_dir / SPACE_FILE).write_text(record.space.model_dump_json(indent=2) + "\n")
+    if record.grid_png:
+        (data_dir / GRID_FILE).write_bytes(record.grid_png)
