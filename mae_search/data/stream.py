@@ -24,7 +24,7 @@ fine-tuning, evaluation) reads a split, whichever kind it is.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,21 +72,27 @@ def _decode_batch(pool: list[tuple[bytes, int, str]]) -> Batch:
 
 
 @dataclass
-class EpochStream(IterableDataset):
-    """One rank's shuffled (images, labels) batches for one epoch: ``steps`` of them in all, across workers."""
+class _RankStream(IterableDataset):
+    """What both streams read: one split of a prepared set, in batches, as rank ``rank`` of ``world_size``."""
 
     manifest: Manifest
     split: str
     batch_size: int
-    steps: int
-    seed: int
-    epoch: int
-    rank: int = 0
-    world_size: int = 1
-    shuffle_shards: int = 4
+    rank: int = field(default=0, kw_only=True)
+    world_size: int = field(default=1, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__init__()
+
+
+@dataclass
+class EpochStream(_RankStream):
+    """One rank's shuffled (images, labels) batches for one epoch: ``steps`` of them in all, across workers."""
+
+    steps: int
+    seed: int
+    epoch: int
+    shuffle_shards: int = 4
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
@@ -124,17 +130,8 @@ def _shard_rows(manifest: Manifest, shard: dict) -> list[tuple[bytes, int, str]]
 
 
 @dataclass
-class OrderedStream(IterableDataset):
+class OrderedStream(_RankStream):
     """Every image of one rank's shards (rank r of w: shards r, r + w, ...) once, in shard order."""
-
-    manifest: Manifest
-    split: str
-    batch_size: int
-    rank: int = 0
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        super().__init__()
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _worker()
@@ -193,12 +190,13 @@ class PreparedSet:
     def batches(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
         """``steps`` shuffled (images, labels) batches of this rank's shards for one epoch."""
-        return self._loader(EpochStream(self.manifest, self.split, batch_size, steps, seed, epoch, rank,
-                                        world_size, self.shuffle_shards))
+        return self._loader(EpochStream(self.manifest, self.split, batch_size, steps, seed, epoch,
+                                        self.shuffle_shards, rank=rank, world_size=world_size))
 
     def in_order(self, batch_size: int = 256, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Every image of this rank's shards once, with its label (an evaluation pass)."""
-        return self._loader(OrderedStream(self.manifest, self.split, batch_size, rank, world_size))
+        return self._loader(OrderedStream(self.manifest, self.split, batch_size, rank=rank,
+                                          world_size=world_size))
 
 
 Labelled = ImageSet | PreparedSet
