@@ -226,6 +226,11 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     cli("report", str(storage / "avg"), "--out", str(tmp_path / "report"))
     md = (tmp_path / "report" / "README.md").read_text()
     assert f"| {good} (2 seeds) | 0.005 |" in md and "3 of 3 planned x 2 seeds" in md
+    # ... and shows the best trial's reconstruction grid, the one its last checkpoint holds.
+    best = final.loc[final["loss"].idxmin()]
+    grid = (Path(best["checkpoint_path"]) / "reconstruction.png").read_bytes()
+    assert "![best trial reconstructions](best_reconstruction.png)" in md
+    assert (tmp_path / "report" / "best_reconstruction.png").read_bytes() == grid
 
 
 def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):

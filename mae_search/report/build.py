@@ -20,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 
 from mae_search.report.load import (
-    GRID_FILE,
     ReportError,
     SearchRecord,
 )
@@ -38,7 +37,8 @@ from mae_search.report.tables import (
     pareto_table,
     stopped_table,
 )
-from mae_search.search.record import Status
+from mae_search.report.verdict import verdict
+from mae_search.search.record import BEST_GRID_FILE, Status
 from mae_search.search.results import final_rows
 from mae_search.search.search_dir import RESULTS_FILE, SPACE_FILE
 
@@ -50,6 +50,7 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     table = pd.concat([r.table for r in records], ignore_index=True)
     names = sorted(table["search"].unique()) if not table.empty else [space.name]
     report = Report(title=f"Report: {', '.join(names)}")
+    report.text(verdict(space, table))
     report.text(f"Regenerate with `{command}` (generated from recorded results only).")
     if space.description:
         report.text(space.description)
@@ -85,7 +86,7 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     if grid:
         report.heading("Best trial: reconstructions")
         report.text("Columns: original | masked | reconstruction | reconstruction with visible patches.")
-        report.image(GRID_FILE, grid, "best trial reconstructions")
+        report.image(BEST_GRID_FILE, grid, "best trial reconstructions")
     return report
 
 
@@ -118,4 +119,4 @@ def archive(record: SearchRecord, data_dir: Path) -> None:
     record.table.to_parquet(data_dir / RESULTS_FILE, index=False)
     (data_dir / SPACE_FILE).write_text(record.space.model_dump_json(indent=2) + "\n")
     if record.grid_png:
-        (data_dir / GRID_FILE).write_bytes(record.grid_png)
+        (data_dir / BEST_GRID_FILE).write_bytes(record.grid_png)

@@ -15,14 +15,18 @@ from mae_search.metrics import from_mlflow_key
 from mae_search.report.labels import (
     METRICS,
 )
-from mae_search.search.record import TAG_BEST_RUN, TAG_KIND, Status, row_from_mlflow_tags
+from mae_search.search.record import (
+    BEST_GRID_FILE,
+    GRID_FILE,
+    TAG_BEST_RUN,
+    TAG_KIND,
+    Status,
+    row_from_mlflow_tags,
+)
 from mae_search.search.results import best_row, final_rows, read_table, results_file
 from mae_search.search.search_dir import SPACE_FILE
 from mae_search.search.space import SearchSpace
 from mae_search.storage import Location
-
-GRID_FILE = "best_reconstruction.png"
-
 
 
 class ReportError(ValueError):
@@ -55,7 +59,7 @@ def load_from_dir(path: str | Path | Location) -> SearchRecord:
         table = normalise(raw)
     except Exception as exc:  # noqa: BLE001 - a damaged table is reported, not traced back
         raise ReportError(f"{table_file}: cannot read results table ({type(exc).__name__}: {exc})") from None
-    grid = table_file.parent / GRID_FILE
+    grid = table_file.parent / BEST_GRID_FILE  # a report's data/ archive
     png = grid.read_bytes() if grid.is_file() else _best_grid_from_checkpoint(raw, space)
     return SearchRecord(space, table, png)
 

@@ -8,9 +8,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from mae_search.report.load import (
-    GRID_FILE,
-)
+from mae_search.search.record import BEST_GRID_FILE
 
 
 @dataclass
@@ -20,6 +18,10 @@ class Table:
     rows: list[list[str]]
     bold_row: int | None = None
     caption: str = ""
+    bold_columns: tuple[int, ...] | None = None  # the bold row's cells that are bold (None: all of them)
+
+    def is_bold(self, row: int, column: int) -> bool:
+        return row == self.bold_row and (self.bold_columns is None or column in self.bold_columns)
 
 
 
@@ -81,7 +83,7 @@ def _markdown_table(t: Table) -> list[str]:
 
     lines = ["| " + " | ".join(cell(h) for h in t.headers) + " |", "|" + "|".join("---" for _ in t.headers) + "|"]
     for i, row in enumerate(t.rows):
-        cells = [f"**{cell(c)}**" if i == t.bold_row else cell(c) for c in row]
+        cells = [f"**{cell(c)}**" if t.is_bold(i, j) else cell(c) for j, c in enumerate(row)]
         lines.append("| " + " | ".join(cells) + " |")
     if t.caption:
         lines += ["", f"*{t.caption}*"]
@@ -93,7 +95,7 @@ def render_html(report: Report) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-             "td:first-child{text-align:left}.best td{font-weight:bold}img{max-width:100%;height:auto}</style>"
+             "td:first-child{text-align:left}td.best{font-weight:bold}img{max-width:100%;height:auto}</style>"
              "</head><body>",
              f"<h1>{html.escape(report.title)}</h1>"]
     for kind, payload in report.blocks:
@@ -106,19 +108,23 @@ def render_html(report: Report) -> str:
             png = report.images[name]
             data = base64.b64encode(png).decode()
             width = int.from_bytes(png[16:20], "big")  # IHDR: shown at 100 dpi, so a 300-dpi plot stays sharp
-            shown = width // 3 if name != GRID_FILE else width
+            shown = width // 3 if name != BEST_GRID_FILE else width
             parts.append(f"<img alt='{html.escape(alt)}' style='width:{shown}px' src='data:image/png;base64,{data}'>")
         else:
             t: Table = payload
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr>")
             for i, row in enumerate(t.rows):
-                cls = " class='best'" if i == t.bold_row else ""
-                parts.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+                parts.append("<tr>" + "".join(f"<td{_best(t, i, j)}>{html.escape(c)}</td>"
+                                              for j, c in enumerate(row)) + "</tr>")
             parts.append("</table>")
             if t.caption:
                 parts.append(f"<p><em>{html.escape(t.caption)}</em></p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _best(t: Table, row: int, column: int) -> str:
+    return " class='best'" if t.is_bold(row, column) else ""
 
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -137,9 +143,7 @@ def render_latex(t: Table) -> str:
     lines = [r"\begin{tabular}{l" + "r" * (len(t.headers) - 1) + "}", r"\toprule",
              " & ".join(_latex(h) for h in t.headers) + r" \\", r"\midrule"]
     for i, row in enumerate(t.rows):
-        cells = [_latex(c) for c in row]
-        if i == t.bold_row:
-            cells = [r"\textbf{" + c + "}" for c in cells]
+        cells = [r"\textbf{" + _latex(c) + "}" if t.is_bold(i, j) else _latex(c) for j, c in enumerate(row)]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if t.caption:

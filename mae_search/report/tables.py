@@ -88,7 +88,8 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     final = final_rows(table)
     done = final[final["status"] == Status.COMPLETED]
     primary = BY_NAME.get(space.primary.metric)
-    metrics = [m for m in METRICS if m.in_tables and (m.name in done.columns or m.name in refs.columns)]
+    shown = distinct_references(refs)  # the rows shown; pairing below stays within each search
+    metrics = [m for m in METRICS if m.in_tables and (m.name in done.columns or m.name in shown.columns)]
     declared = expected_settings(space, cols)  # the file's order (original first, as written)
     settings = sorted({tuple(r) for r in final[cols].itertuples(index=False)},
                       key=lambda s: (declared.index(s), ()) if s in declared else (len(declared), sort_key(s)))
@@ -99,7 +100,7 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
         headers.append(f"Δ {primary.label} vs {fmt_setting(baseline[0])} (95% CI)")
     headers.append("stopped / failed")
     rows = [[label, str(len(group)), *cells, *(["-"] if with_delta else []), "-"]
-            for label, group, cells in reference_cells(refs, metrics)]
+            for label, group, cells in reference_cells(shown, metrics)]
     first_setting = len(rows)
     groups = []
     for setting in settings:
@@ -120,11 +121,12 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
     best, verdict = separable_best(groups, labels, primary, space.primary.mode)
     caption = ("Final metrics of finished trials; mean ± std over seeds where n > 1. Reference rows: the same "
                "evaluation of each seed's untrained encoder (fine-tuning it is training from scratch) and of raw "
-               "pixels. Bold: a best setting whose paired 95% interval against the runner-up excludes zero. "
-               "Δ: paired by seed against the baseline, mean with 95% t-interval.")
+               "pixels. Bold: the setting whose paired (by seed) 95% interval against every other setting "
+               "excludes zero in its favour. Δ: paired by seed against the baseline, mean with 95% t-interval.")
     evaluated, mismatch = evaluation_sets(pd.concat([done, refs]))
+    quality = tuple(2 + k for k, m in enumerate(metrics) if m.source != "time" and not m.name.endswith("_time_s"))
     report.table(Table(name, headers, rows, None if best is None else first_setting + best,
-                       f"{caption} {evaluated}".strip()))
+                       f"{caption} {evaluated}".strip(), bold_columns=(0, *quality)))
     if mismatch:
         report.text(mismatch)
     if verdict:
@@ -155,6 +157,16 @@ def evaluation_sets(rows: pd.DataFrame) -> tuple[str, str]:
     return "", (f"**Not comparable**: these rows' probe and k-NN numbers come from different labelled sets "
                 f"(train / test images: {listed}).")
 
+
+
+def distinct_references(refs: pd.DataFrame) -> pd.DataFrame:
+    """Reference rows counted once: combined searches that share a data set and seeds each record the
+    same untrained-encoder and raw-pixel runs, which would otherwise repeat (and inflate n) per search."""
+    if refs.empty:
+        return refs
+    same = [c for c in refs.columns if c not in ("search", "trial_id", "tune_trial_id", "trial_time_s")
+            and not c.endswith("_time_s")]
+    return refs.drop_duplicates(subset=same).reset_index(drop=True)
 
 
 def reference_cells(refs: pd.DataFrame, metrics: list[Metric]) -> list[tuple[str, pd.DataFrame, list[str]]]:
@@ -211,7 +223,7 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
     metric = space.primary.metric
     if done.empty or metric not in done:
         return
-    refs = reference_rows(table)
+    refs = distinct_references(reference_rows(table))
     params = [c for c in done.columns if c.startswith("param.")]
     metrics = [m for m in METRICS if m.in_tables and m.name in done.columns]
     # One row per configuration: a seed-averaged trial's seeds are averaged (mean ± std), as Optuna saw them.
@@ -239,6 +251,10 @@ def best_trials_table(space: SearchSpace, table: pd.DataFrame, report: Report, t
 
 
 
+# fANOVA on fewer trials ranks noise: with 4 noisy trials it printed 0.437 / 0.366 / 0.197 / 0.000.
+MIN_IMPORTANCE_TRIALS = 10
+
+
 def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) -> None:
     """fANOVA parameter importances (Optuna) on the finished trials."""
     import optuna
@@ -246,13 +262,14 @@ def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) ->
 
     done, basis = completed_final(table), "finished trials"
     metric = space.primary.metric
-    if len(done) < 4:  # ASHA stopped most: compare every trial where all of them were measured
+    if len(done) < MIN_IMPORTANCE_TRIALS:  # ASHA stopped most: compare every trial where all were measured
         done, rung = at_common_rung(table, metric)
         basis = f"trials at epoch {rung}, the last rung every trial reached"
     dims = {k: d for k, d in space.dimensions.items() if f"param.{k}" in done}
-    if len(done) < 4 or len(dims) < 2 or metric not in done:
-        report.text("Parameter importances need at least 4 trials measured at a common epoch and 2 searched "
-                    "parameters.")
+    report.heading("Parameter importances")
+    if len(done) < MIN_IMPORTANCE_TRIALS or len(dims) < 2 or metric not in done:
+        report.text(f"Too few trials to rank parameters: importances need at least {MIN_IMPORTANCE_TRIALS} "
+                    f"trials measured at a common epoch (this search has {len(done)}) and 2 searched parameters.")
         return
     dists = {}
     for k, d in dims.items():
@@ -272,7 +289,6 @@ def importance_table(space: SearchSpace, table: pd.DataFrame, report: Report) ->
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     rows = [[k, f"{v:.3f}"] for k, v in sorted(importances.items(), key=lambda kv: (-round(kv[1], 3), kv[0]))]
-    report.heading("Parameter importances")
     report.text(f"fANOVA (Optuna) on {len(done)} {basis}, objective {metric}.")
     report.table(Table("importances", ["parameter", "importance"], rows))
 

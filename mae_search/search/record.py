@@ -22,6 +22,7 @@ from typing import Any
 from mae_search.config import TrainConfig
 
 GRID_FILE = "reconstruction.png"  # a trial checkpoint's reconstruction grid
+BEST_GRID_FILE = f"best_{GRID_FILE}"  # the best trial's grid, as a report shows and archives it
 
 # MLflow tags (and the one prefix of searched values) that tracking writes and the report reads.
 TAG_SEARCH = "mae_search.search"

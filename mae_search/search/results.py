@@ -69,7 +69,8 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The last reported epoch of each trial (what a table of final metrics shows); reference rows excluded."""
     if "status" in df:
         df = df[df["status"] != Status.REFERENCE]
-    return df.sort_values(["trial_id", "epoch"]).groupby("trial_id", sort=False).tail(1).reset_index(drop=True)
+    trial = ["search", "trial_id"] if "search" in df else ["trial_id"]  # combined searches may share ids
+    return df.sort_values([*trial, "epoch"]).groupby(trial, sort=False).tail(1).reset_index(drop=True)
 
 
 def by_configuration(final: pd.DataFrame, metric: str) -> pd.DataFrame:
