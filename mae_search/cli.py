@@ -120,7 +120,9 @@ def search(
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the embedded store's table-creation notices
-    from mae_search.report.terminal import print_references, print_trials
+    from mae_search.report.load import load_from_dir
+    from mae_search.report.terminal import print_references, print_trials, print_verdict
+    from mae_search.report.verdict import verdict
     from mae_search.search.record import PARAM_PREFIX
     from mae_search.search.results import final_rows, read_results
     from mae_search.search.run import run_search
@@ -136,6 +138,7 @@ def search(
     if done.trials is None:
         _fail(f"search '{space.name}' ended before any trial reported a result")
     results = done.search_dir.results
+    print_verdict(console, verdict(space, load_from_dir(done.search_dir.root).table))
     print_trials(console, final_rows(read_results(results)), space.primary.metric, space.primary.mode,
                  {f"{PARAM_PREFIX}{k}": space.label_of(k) for k in space.dimensions})
     print_references(console, read_results(results, with_references=True))
