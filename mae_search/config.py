@@ -159,8 +159,24 @@ class MaskingConfig(_Strict):
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     curriculum: bool = False
     start_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    start_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="the start as a fraction of mask_ratio; when set it replaces start_ratio. A "
+                                          "joint search samples this, so the start never exceeds the sampled target")
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     ramp_epochs: float = Field(5.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _ramps_up(self) -> MaskingConfig:
+        if self.curriculum and self.start > self.mask_ratio:
+            raise ValueError(f"start_ratio {self.start_ratio:g} exceeds mask_ratio {self.mask_ratio:g}: a "
+                             "curriculum ramps the ratio up to its target (search start_fraction to keep the start "
+                             "below every target)")
+        return self
+
+    @property
+    def start(self) -> float:
+        """The curriculum's first mask ratio."""
+        return self.start_ratio if self.start_fraction is None else self.start_fraction * self.mask_ratio
 
 
 class LossConfig(_Strict):

@@ -70,3 +70,10 @@ def test_curriculum_endpoints_and_shapes():
     assert scheduled_mask_ratio(const, 0) == 0.75
     off = lin.model_copy(update={"curriculum": False})
     assert scheduled_mask_ratio(off, 0) == 0.75
+
+
+def test_curriculum_start_as_a_fraction_of_the_target():
+    cfg = MaskingConfig(mask_ratio=0.8, curriculum=True, start_fraction=0.5, schedule="linear", ramp_epochs=4)
+    assert scheduled_mask_ratio(cfg, 0) == pytest.approx(0.4)
+    assert scheduled_mask_ratio(cfg, 2) == pytest.approx(0.6)
+    assert scheduled_mask_ratio(cfg, 4) == pytest.approx(0.8)

@@ -68,7 +68,7 @@ def scheduled_mask_ratio(cfg: MaskingConfig, epoch_progress: float) -> float:
     """Mask ratio in force at a fractional epoch (e.g. 2.5 = half-way through epoch 3).
 
     Without a curriculum this is the target ratio. With one, it moves from
-    ``start_ratio`` to ``mask_ratio`` over ``ramp_epochs`` (linearly or along a
+    ``start_ratio`` (or ``start_fraction`` of the target) to ``mask_ratio`` over ``ramp_epochs`` (linearly or along a
     half cosine) and then stays at the target; ``constant`` holds the target
     throughout, which makes the schedule itself an ablation setting.
     """
@@ -77,4 +77,4 @@ def scheduled_mask_ratio(cfg: MaskingConfig, epoch_progress: float) -> float:
     t = 1.0 if cfg.ramp_epochs == 0 else min(max(epoch_progress / cfg.ramp_epochs, 0.0), 1.0)
     if cfg.schedule == "cosine":
         t = 0.5 * (1.0 - math.cos(math.pi * t))
-    return cfg.start_ratio + (cfg.mask_ratio - cfg.start_ratio) * t
+    return cfg.start + (cfg.mask_ratio - cfg.start) * t

@@ -18,6 +18,7 @@ Example (search_spaces/mask_ratio_tiny.yaml)::
 from __future__ import annotations
 
 import builtins
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -251,6 +252,22 @@ def load_search_space(path: str | Path, overrides: dict[str, Any] | None = None)
     return parse_search_space(raw, str(path))
 
 
+def _check_combinations(space: SearchSpace, source: str, limit: int = 4096) -> None:
+    """Every combination of the dimensions' probe values (grid values, range ends) gives a valid config:
+    each value alone can be valid while two together are not (a curriculum start above a sampled target)."""
+    probes = {k: d.probe_values() for k, d in space.dimensions.items() if d.kind != "variants"}
+    if len(probes) < 2 or math.prod(len(v) for v in probes.values()) > limit:
+        return
+    for values in itertools.product(*probes.values()):
+        combination = dict(zip(probes, values, strict=True))
+        try:
+            space.base.with_overrides(combination, source="")
+        except ConfigError as exc:
+            detail = str(exc).removeprefix(": ")
+            given = ", ".join(f"{k}={v!r}" for k, v in combination.items() if k.split(".")[-1] in detail)
+            raise ConfigError(f"{source}: dimensions {given or combination}: invalid together ({detail})") from None
+
+
 def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(raw)
@@ -275,6 +292,7 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
             except ConfigError as exc:
                 detail = str(exc).removeprefix(": ")
                 raise ConfigError(f"{source}: dimensions.{key}: value {value!r} is invalid ({detail})") from None
+    _check_combinations(space, source)
     if space.scheduler.type == "asha" and space.scheduler.max_epochs and space.scheduler.max_epochs > base.epochs:
         raise ConfigError(
             f"{source}: scheduler.max_epochs {space.scheduler.max_epochs} exceeds base epochs {base.epochs}"
