@@ -82,3 +82,16 @@ def test_unweighted_terms_only_measured_when_asked():
     assert weighted.freq is not None and weighted.unif is None
     measured = mae_loss(imgs, pred, mask, latent, LossConfig(), p, measure_unweighted=True)
     assert torch.equal(measured.total, skipped.total)
+
+
+def test_loss_terms_are_computed_in_fp32_under_bf16_autocast():
+    """The Laplacian's convolution would run in bf16 under autocast: the terms must not move with it."""
+    imgs, mask, p = _setup()
+    gen = torch.Generator().manual_seed(0)
+    pred, latent = torch.randn(2, 16, 48, generator=gen), torch.randn(2, 9, 32, generator=gen)
+    cfg = LossConfig(freq_weight=0.05, unif_weight=0.01)
+    fp32 = mae_loss(imgs, pred, mask, latent, cfg, p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mae_loss(imgs, pred, mask, latent, cfg, p)
+    for a, b in ((fp32.total, mixed.total), (fp32.freq, mixed.freq), (fp32.unif, mixed.unif)):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
