@@ -51,6 +51,32 @@ def test_curriculum_ratio_is_logged(micro_cfg):
     assert ratios == sorted(ratios)
 
 
+def test_reconstruction_is_measured_at_the_target_ratio_mid_curriculum(micro_cfg, monkeypatch, tmp_path):
+    """Mid-ramp the scheduled ratio is 0.36; the metrics and the grid use the target 0.9, as a run without
+    a curriculum does, so the two are comparable."""
+    import mae_search.training.evaluate as evaluate_module
+    import mae_search.training.train as train_module
+
+    masked = []
+
+    def spy(model, images, mask_ratio, norm_pix):
+        out = real(model, images, mask_ratio, norm_pix)
+        masked.append(out["mask_px"].mean().item())
+        return out
+
+    real = evaluate_module.reconstruct
+    monkeypatch.setattr(evaluate_module, "reconstruct", spy)
+    monkeypatch.setattr(train_module, "reconstruct", spy)
+    cfg = micro_cfg.with_overrides({"masking.curriculum": True, "masking.start_ratio": 0.3, "masking.mask_ratio": 0.9,
+                                    "masking.ramp_epochs": 10, "epochs": 1, "eval.finetune.at": "never"})
+    trainer = Trainer(cfg)
+    history = trainer.fit()
+    trainer.save_reconstruction(tmp_path / "grid.png")
+    assert history[0]["mask_ratio"] < 0.4
+    # 16 patches, int(16 * (1 - 0.9)) = 1 visible: 15 of 16 masked (0.36 would mask 6).
+    assert masked == [15 / 16, 15 / 16]
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, micro_cfg):
     cfg = micro_cfg.with_overrides({"epochs": 3, "eval.every_epochs": 10})
     full = Trainer(cfg).fit()

@@ -202,8 +202,8 @@ class Trainer:
         if self.rank == 0:
             metrics.update(evaluate(
                 self.model, train, test, self.data.test.images, self.cfg.eval,
-                self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
-            ))
+                self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
+            ))  # reconstruction at the target ratio, mid-curriculum too: comparable with a run without one
         if has_labels(train):
             metrics.update(finetune_metrics(
                 self.model, train, test, self.cfg.eval, final, self.device, self.cfg.seed,
@@ -213,12 +213,12 @@ class Trainer:
         return metrics
 
     def save_reconstruction(self, path: str | Path) -> Path:
-        """Reconstruction grid of the first test images under a fixed masking seed."""
+        """Reconstruction grid of the first test images under a fixed masking seed, at the target ratio."""
         n = self.cfg.eval.grid_images
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
             images = self.data.test.images[:n].to(self.device)
-            rec = reconstruct(self.model, images, self.mask_ratio_at(self.epoch), self.cfg.loss.norm_pix_loss)
+            rec = reconstruct(self.model, images, self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss)
         self.model.train()
         return save_reconstruction_grid(rec["original"], rec["recon_true_stats"], rec["mask_px"], path)
 
