@@ -74,11 +74,31 @@ def test_partial_finetuning_trains_only_the_last_blocks_and_the_head():
     assert any(n.startswith("blocks.1.") for n in trainable)
 
 
-def test_mixup_and_cutmix_run_on_the_device_batch():
+def test_mixup_and_cutmix_follow_the_seed(monkeypatch):
+    """timm's Mixup draws from numpy's global generator: the same seed gives the same weights and accuracy,
+    another seed other ones, whatever that generator held before."""
+    import numpy as np
+
+    import mae_search.training.finetune as ft
+
+    trained = []
+    real_accuracy = ft.classifier_accuracy
+
+    def keep_weights(model, *args, **kwargs):
+        trained.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_accuracy(model, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "classifier_accuracy", keep_weights)
     train, test = brightness_task(64, 0), brightness_task(32, 1)
     cfg = FinetuneConfig(epochs=1, batch_size=16, mixup=0.8, cutmix=1.0)
-    result = finetune(encoder(), MICRO, train, test, cfg, device=torch.device("cpu"), seed=0)
-    assert 0.0 <= result.accuracy <= 1.0
+    results = []
+    for seed, numpy_state in ((0, 1), (0, 2), (1, 1)):
+        np.random.seed(numpy_state)
+        results.append(finetune(encoder(), MICRO, train, test, cfg, device=torch.device("cpu"), seed=seed))
+    same = all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert same and results[0].accuracy == results[1].accuracy
+    assert not all(torch.equal(trained[0][k], trained[2][k]) for k in trained[0])
+    assert np.random.get_state()[1][0] == np.random.RandomState(1).get_state()[1][0]  # given back
 
 
 def test_trainer_reports_finetuning_at_the_last_epoch_only():

@@ -15,9 +15,11 @@ the counts are summed, so every rank returns the same accuracy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -68,6 +70,22 @@ def make_mixup(cfg: FinetuneConfig, num_classes: int) -> Callable | None:
                  num_classes=num_classes)
 
 
+@contextmanager
+def numpy_seeded(*words: int) -> Iterator[None]:
+    """numpy's global generator seeded from ``words`` for the block, and given back after it.
+
+    timm's Mixup draws its mixing weights, its choice of mixup or cutmix and the cutmix boxes from
+    numpy's global generator; seeding it here makes those draws, like every other draw of a trial,
+    follow from the trial's seed.
+    """
+    state = np.random.get_state()
+    np.random.seed(np.random.SeedSequence(list(words)).generate_state(1))
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def finetune(
     encoder: dict[str, torch.Tensor],
     model_cfg: ModelConfig,
@@ -84,13 +102,13 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune a classifier initialised from ``encoder`` on ``train``; top-1 on ``test``.
 
-    Randomness (head init, drop path, batches, crops, mixup) comes from ``seed``
-    alone, so the same encoder and seed give the same accuracy, and a random
-    init run through here is the from-scratch reference.
+    Randomness (head init, drop path, batches, crops, mixup and cutmix) comes from ``seed`` (and the
+    rank) alone, so the same encoder and seed give the same accuracy, and a random init run through
+    here is the from-scratch reference.
     """
     start = time.perf_counter()
     num_classes = len(train.classes)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), numpy_seeded(seed, rank):
         torch.manual_seed(seed)
         model = build_classifier(encoder, model_cfg, num_classes, cfg).to(device)
         net = wrap_model(model) if wrap_model and world_size > 1 else model
