@@ -89,7 +89,8 @@ def train(
             f.writelines(json.dumps(s) + "\n" for s in t.step_log)
         t.step_log.clear()
         progress.advance(task)
-        keys = ("loss", "mask_ratio", "linear_probe_acc", "knn_acc", "finetune_acc", "psnr")
+        keys = ("loss", "mask_ratio", "val_linear_probe_acc", "val_knn_acc", "linear_probe_acc", "knn_acc",
+                "finetune_acc", "psnr")
         shown = {k: metrics[k] for k in keys if k in metrics}
         progress.console.print(f"epoch {epoch}: " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()),
                                highlight=False)

@@ -208,6 +208,10 @@ class DataConfig(_Strict):
     num_labelled: int | None = Field(
         None, ge=10, description="labelled training images for probe, k-NN and fine-tuning (a fixed subset; None: all)"
     )
+    val_split: float = Field(
+        0.2, gt=0.0, description="the validation split a search selects on, carved from the labelled training "
+        "images: a fraction (< 1) or a count (>= 1). Probe, k-NN and fine-tuning train on the rest; test is kept "
+        "for the last epoch's numbers")
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
     eval_images: int = Field(10_000, ge=16, description="prepared only: labelled images of each of train and "
@@ -227,7 +231,17 @@ class DataConfig(_Strict):
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.val_split >= 1 and self.val_split != int(self.val_split):
+            raise ValueError(f"val_split {self.val_split:g}: a fraction below 1 or a whole number of images")
+        if self.num_labelled is not None and self.val_split >= self.num_labelled:
+            raise ValueError(f"val_split {self.val_split:g} leaves none of num_labelled {self.num_labelled} "
+                             "images to train the probe on")
         return self
+
+    def val_count(self, labelled: int) -> int:
+        """How many of ``labelled`` training images the validation split takes (at least 1, never all)."""
+        count = round(self.val_split * labelled) if self.val_split < 1 else int(self.val_split)
+        return min(max(count, 1), labelled - 1)
 
 
 When = Literal["never", "end", "every_eval"]
@@ -279,6 +293,9 @@ class EvalConfig(_Strict):
     """Evaluation cadence and protocol (README, "Evaluation", says what each metric does)."""
 
     every_epochs: int = Field(1, ge=1)
+    test_at: Literal["end", "every_eval"] = Field(
+        "end", description="when the test split is scored: at the last epoch only (nothing that selects sees "
+        "it), or at every evaluation (a space with select_on: test sets this)")
     probe: ProbeConfig = ProbeConfig()
     knn_k: int = Field(20, ge=1)
     finetune: FinetuneConfig = FinetuneConfig()

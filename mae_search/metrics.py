@@ -50,6 +50,31 @@ REGISTRY: tuple[Metric, ...] = (
     Metric("eval_train_images", "probe/k-NN train images", "max", "eval", 1.0, 0, in_tables=False),
     Metric("eval_test_images", "probe/k-NN test images", "max", "eval", 1.0, 0, in_tables=False),
 )
+VAL_PREFIX = "val_"
+# What a search may select on is measured on the validation split (carved from the labelled training
+# images) under these names; the plain names are the test split's, measured at a trial's last epoch only.
+SELECTABLE = ("linear_probe_acc", "finetune_acc", "partial_finetune_acc", "knn_acc", "test_mse", "psnr",
+              "psnr_true_stats", "masked_hf_error")
+
+
+def val_name(name: str) -> str:
+    """A test metric's name on the validation split: ``linear_probe_acc`` -> ``val_linear_probe_acc``."""
+    return VAL_PREFIX + name
+
+
+def test_name(name: str) -> str:
+    """Back from :func:`val_name` (a name without the prefix is returned as it is)."""
+    return name.removeprefix(VAL_PREFIX)
+
+
+def _on_val(m: Metric) -> Metric:
+    return Metric(val_name(m.name), f"val {m.label}", m.mode, m.source, m.scale, m.digits,
+                  m.in_tables and m.name.endswith("_acc"), f"val {m.short}" if m.short else "")
+
+
+REGISTRY = REGISTRY + tuple(_on_val(m) for m in REGISTRY if m.name in SELECTABLE) + (
+    Metric("eval_val_images", "probe/k-NN val images", "max", "eval", 1.0, 0, in_tables=False),
+)
 BY_NAME: dict[str, Metric] = {m.name: m for m in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 

@@ -22,7 +22,8 @@ def test_train_then_resume(tmp_path):
     assert "epoch 0 (random init)" in first.stdout and "epoch 2:" in first.stderr + first.stdout
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
-    assert "linear_probe_acc" in json.loads(lines[0])
+    assert {"val_linear_probe_acc", "linear_probe_acc"} <= set(json.loads(lines[0]))  # the init, fully
+    assert "linear_probe_acc" not in json.loads(lines[1]) and "linear_probe_acc" in json.loads(lines[2])
     assert (out / "reconstruction.png").is_file() and (out / "checkpoint.pt").is_file()
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(len(steps))) and len(steps) == 2 * (128 // 32)

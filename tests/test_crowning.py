@@ -20,6 +20,7 @@ dimensions:
 factor: masking.mask_ratio
 seeds: [0, 1, 2, 3]
 metric: linear_probe_acc
+select_on: test
 mode: max
 """
 
@@ -109,3 +110,23 @@ def test_only_the_metric_cells_of_the_best_row_are_bold(tmp_path):
     best = next(line for line in md.splitlines() if line.startswith("| **0.5**"))
     cells = best.strip("|").split(" | ")
     assert cells[1].strip() == "3" and cells[2].strip() == "**51.0 ± 1.0**" and cells[3].strip() == "11.0 ± 1.0"
+
+
+def test_a_search_selected_on_validation_crowns_on_it_and_shows_both_splits(tmp_path):
+    # 0.5 leads on the validation split (what the search selected on), 0.75 on test: the bold row follows
+    # validation, and the test numbers stand beside it.
+    search_dir = planted(tmp_path, {0.5: {0: 0.40, 1: 0.41, 2: 0.43}, 0.75: {0: 0.50, 1: 0.52, 2: 0.51}})
+    (search_dir / "search_space.json").write_text((search_dir / "search_space.json").read_text().replace(
+        '"metric":"linear_probe_acc"', '"metric":"val_linear_probe_acc"').replace(
+        '"select_on":"test"', '"select_on":"val"'))
+    table = pd.read_parquet(search_dir / "results.parquet")
+    table["val_linear_probe_acc"] = table["linear_probe_acc"].where(table["param.masking.mask_ratio"] == 0.75,
+                                                                    table["linear_probe_acc"] + 0.2)
+    table["eval_val_images"] = 200.0
+    table.to_parquet(search_dir / "results.parquet", index=False)
+    md = report(tmp_path, search_dir)
+    assert ("Selected on the validation split (200 images carved from the labelled training images): val LP "
+            "top-1 (%). Test numbers are measured at each trial's last epoch only, never seen by Optuna or ASHA") in md
+    assert "| mask ratio | n | LP top-1 (%) | val LP top-1 (%) |" in md
+    assert bold_rows(md) == ["0.5"] and "Best val LP top-1 (%): 0.5" in md
+    assert "| **0.5** | 3 | **41.3 ± 1.5** | **61.3 ± 1.5** |" in md

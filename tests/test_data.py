@@ -143,3 +143,37 @@ def test_every_rank_takes_the_same_number_of_steps():
         assert len(counts) == 1, n
     sizes = [sum(len(b) for b in epoch_batches(129, 1, torch.Generator().manual_seed(0), r, 2)) for r in (0, 1)]
     assert sizes == [64, 64]
+
+
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {bytes(img.numpy().tobytes()) for img in images}
+
+
+def test_validation_split_is_carved_from_the_labelled_images_per_seed():
+    cfg = DataConfig(num_train=400, num_test=100, num_labelled=200, val_split=0.25)
+    model = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    first = load_data(cfg, model, seed=0)
+    labelled = load_data(cfg.model_copy(update={"val_split": 1}), model, seed=0)  # 199 + 1: nearly all
+    assert (len(first.train), len(first.val), len(first.test)) == (150, 50, 100)
+    train, val = _rows(first.train.images), _rows(first.val.images)
+    assert not train & val and not val & _rows(first.test.images)
+    assert train | val == _rows(labelled.train.images) | _rows(labelled.val.images)  # the same 200 images
+    again, other = load_data(cfg, model, seed=0), load_data(cfg, model, seed=1)
+    assert torch.equal(again.val.images, first.val.images)  # the same seed, the same split
+    assert _rows(other.val.images) != val and len(other.val) == 50  # another seed, another draw
+    assert len(load_data(cfg.model_copy(update={"val_split": 30}), model, seed=0).val) == 30  # a count
+
+
+def test_prepared_validation_takes_whole_train_shards():
+    from mae_search.data.shards import Manifest
+    from mae_search.data.stream import VAL_SPLIT, carve_validation
+    from mae_search.storage import Location
+
+    shards = [{"file": f"train-{i}.parquet", "images": n} for i, n in enumerate((100, 100, 60))]
+    manifest = Manifest(Location.of("/data/prepared"), 32, ("a", "b"), {"train": shards, "val": []})
+    carved = carve_validation(manifest, 150)
+    assert carved.splits[VAL_SPLIT] == shards[:2] and carved.splits["train"] == shards[2:]
+    assert carve_validation(manifest, 80).splits["train"] == shards[1:]
+    with pytest.raises(DataError, match="the validation split \\(260 images\\) needs whole shards"):
+        carve_validation(manifest, 260)

@@ -104,23 +104,30 @@ def test_mixup_and_cutmix_follow_the_seed(monkeypatch):
 def test_trainer_reports_finetuning_at_the_last_epoch_only():
     cfg = micro_config(**{"eval.partial_finetune.at": "every_eval", "eval.partial_finetune.epochs": 1})
     history = Trainer(cfg).fit()
-    assert "finetune_acc" not in history[0] and "finetune_acc" in history[-1]
-    assert all("partial_finetune_acc" in h and h["partial_finetune_time_s"] > 0 for h in history)
+    assert "finetune_acc" not in history[0] and "val_finetune_acc" not in history[0]
+    assert "finetune_acc" in history[-1] and "val_finetune_acc" in history[-1]
+    # Every evaluation scores the validation split; the test split only at the last epoch.
+    assert all("val_partial_finetune_acc" in h and h["partial_finetune_time_s"] > 0 for h in history)
+    assert ["partial_finetune_acc" in h for h in history] == [False] * (len(history) - 1) + [True]
 
 
 def test_reference_rows_use_the_trials_initialisation_and_raw_pixels():
     cfg = micro_config(seed=4)
     data = load_data(cfg.data, cfg.model, seed=cfg.seed)
-    random_init = evaluate_reference("random_init", cfg.model, data.train, data.test, cfg.eval,
+    targets = {"val": data.val, "test": data.test}
+    random_init = evaluate_reference("random_init", cfg.model, data.train, targets, cfg.eval,
                                      torch.device("cpu"), cfg.seed)
     untrained = Trainer(cfg).evaluate(final=True)  # the model a trial of seed 4 starts from, same protocol
     for key in ("linear_probe_acc", "knn_acc", "finetune_acc"):
         assert random_init[key] == untrained[key], key
-    pixels = evaluate_reference("raw_pixels", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
-    assert set(pixels) == {"linear_probe_acc", "knn_acc", "eval_train_images", "eval_test_images"}
-    assert (pixels["eval_train_images"], pixels["eval_test_images"]) == (len(data.train), len(data.test))
+        assert random_init[f"val_{key}"] == untrained[f"val_{key}"], key
+    pixels = evaluate_reference("raw_pixels", cfg.model, data.train, targets, cfg.eval, torch.device("cpu"), 4)
+    assert set(pixels) == {"linear_probe_acc", "knn_acc", "val_linear_probe_acc", "val_knn_acc",
+                           "eval_train_images", "eval_test_images", "eval_val_images"}
+    assert (pixels["eval_train_images"], pixels["eval_val_images"], pixels["eval_test_images"]) == (
+        len(data.train), len(data.val), len(data.test))
     with pytest.raises(ValueError, match="unknown reference"):
-        evaluate_reference("imagenet", cfg.model, data.train, data.test, cfg.eval, torch.device("cpu"), 4)
+        evaluate_reference("imagenet", cfg.model, data.train, targets, cfg.eval, torch.device("cpu"), 4)
 
 
 def test_width_that_cannot_make_sincos_embeddings_is_refused():

@@ -155,7 +155,7 @@ def test_prepare_command_runs_in_ray_tasks_and_resumes(folder, tmp_path):
 
     # A 2-trial search trains and evaluates on it, streaming through decode workers inside the Ray tasks.
     space = micro_space(tmp_path, "streamed", "dimensions:\n  masking.mask_ratio: {grid: [0.6, 0.75]}\n"
-                                              "metric: linear_probe_acc\nmode: max\nscheduler: {type: none}\n",
+                                              "metric: val_linear_probe_acc\nmode: max\nscheduler: {type: none}\n",
                         epochs=2)
     cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2", "--no-mlflow",
         "--set", "data.dataset=prepared", "--set", f"data.path={out / MANIFEST}", "--set", "data.decode_workers=1",
@@ -228,12 +228,15 @@ def test_trainer_pretrains_and_evaluates_on_a_prepared_set(folder, tmp_path, mic
     check_local_data(cfg.data)
     trainer = Trainer(cfg, device=torch.device("cpu"))
     assert len(trainer.data.train) == 16 and len(trainer.data.test) == 16  # labelled subsets in memory
+    # The validation split: the train split's first whole shards holding 20% of its 60 images (2 x 8).
+    assert len(trainer.data.val) == 16 and trainer.data.full_train is not None and len(trainer.data.full_train) == 44
     first, last = trainer.fit()
     assert trainer.steps_per_epoch == 60 // 8 and np.isfinite(last["loss"])
     assert 0.0 <= last["linear_probe_acc"] <= 1.0 and "knn_acc" in last and "finetune_acc" in last
-    # Epoch 1 is evaluated on the in-memory subsets, the last epoch on every labelled image, streamed.
-    assert (first["eval_train_images"], first["eval_test_images"]) == (16, 16)
-    assert (last["eval_train_images"], last["eval_test_images"]) == (60, 18)
+    # Epoch 1 is evaluated on the in-memory subset and scored on validation only; the last epoch on every
+    # labelled image outside the validation shards, streamed, and scored on validation and test.
+    assert (first["eval_train_images"], first["eval_val_images"], "eval_test_images" in first) == (16, 16, False)
+    assert (last["eval_train_images"], last["eval_val_images"], last["eval_test_images"]) == (44, 16, 18)
     subset = Trainer(cfg.with_overrides({"data.final_eval": "subset", "epochs": 1}), device=torch.device("cpu"))
     assert subset.evaluate(final=True)["eval_test_images"] == 16
     bad = cfg.data.model_copy(update={"path": str(tmp_path / "nothing")})

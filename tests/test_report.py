@@ -27,6 +27,7 @@ factor: masking.mask_ratio
 baseline: 0.75
 seeds: SEEDS
 metric: linear_probe_acc
+select_on: test
 mode: max
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 """
@@ -229,6 +230,7 @@ dimensions:
   masking.mask_ratio: {uniform: [0.5, 0.9]}
   loss.freq_weight: {uniform: [0.0, 0.2]}
 metric: linear_probe_acc
+select_on: test
 mode: max
 num_samples: 8
 """
@@ -276,6 +278,7 @@ dimensions:
   model.decoder_depth: {grid: [1, 2]}
   model.decoder_embed_dim: {grid: [16, 32]}
 metric: linear_probe_acc
+select_on: test
 mode: max
 scheduler: {type: none}
 """

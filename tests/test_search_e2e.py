@@ -40,6 +40,28 @@ def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
     assert listed["done"] + listed["stopped"] == 4 and listed["stopped"] >= 1
 
 
+def test_optuna_selects_on_the_validation_split_and_never_sees_test(tmp_path):
+    import optuna
+
+    body = ("dimensions:\n  masking.mask_ratio: {uniform: [0.5, 0.9]}\nmetric: val_linear_probe_acc\nmode: max\n"
+            "num_samples: 2\nsampler: random\nscheduler: {type: none}\nmax_concurrent_trials: 2\n")
+    space = micro_space(tmp_path, "val", body, epochs=2)
+    storage = tmp_path / "results"
+    out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--no-mlflow")
+    df = read_results(storage / "val", with_references=True)
+    trials, refs = df[df["status"] != "reference"], df[df["status"] == "reference"]
+    # Validation at every epoch; test at the last epoch only; the reference rows have both.
+    assert trials["val_linear_probe_acc"].notna().all() and trials["eval_val_images"].eq(51).all()  # 20% of 256
+    assert trials.groupby("epoch")["linear_probe_acc"].apply(lambda v: v.notna().all()).to_dict() == {1: False, 2: True}
+    assert refs[["val_linear_probe_acc", "linear_probe_acc"]].notna().all().all()
+    # The persisted study holds each trial's validation value, not its test value.
+    study = optuna.load_study(study_name="val", storage=f"sqlite:///{storage / 'val' / 'optuna.db'}")
+    final = trials[trials["epoch"] == 2]
+    assert sorted(t.value for t in study.trials) == sorted(final["val_linear_probe_acc"])
+    # The end of the search opens with the verdict, then the trials table.
+    assert "Verdict (test split):" in out.stdout and out.stdout.index("Verdict") < out.stdout.rindex("┏")
+
+
 # The process title of a seed's training process, by runner.
 WORKER_TITLES = {"ray_task": "ray::seed_task", "ray_train": "ray::RayTrainWorker"}
 

@@ -14,7 +14,7 @@ name: t
 base: {epochs: 3}
 dimensions:
   masking.mask_ratio: {grid: [0.5, 0.75]}
-metric: linear_probe_acc
+metric: val_linear_probe_acc
 mode: max
 """
 
@@ -44,7 +44,7 @@ def test_valid_space_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("metric: linear_probe_acc", "metric: linear_probe_acc\ncolour: blue"), "colour: unknown key"),
+        (("metric: val_linear_probe_acc", "metric: val_linear_probe_acc\ncolour: blue"), "colour: unknown key"),
         (("masking.mask_ratio: {grid: [0.5, 0.75]}", "masking.mask_ration: {grid: [0.5]}"),
          "dimensions.masking.mask_ration: unknown parameter"),
         (("{grid: [0.5, 0.75]}", "{grid: [0.5, 1.5]}"), "dimensions.masking.mask_ratio: value 1.5 is invalid"),
@@ -52,7 +52,7 @@ def test_valid_space_round_trip(tmp_path):
         (("{grid: [0.5, 0.75]}", "{loguniform: [0.0, 0.5]}"), "must be positive"),
         (("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9], grid: [0.5]}"), "exactly one of"),
         (("{grid: [0.5, 0.75]}", "{uniform: [a, b]}"), "dimensions.masking.mask_ratio.uniform.0"),
-        (("metric: linear_probe_acc", "metric: accuracy"), "unknown metric 'accuracy'"),
+        (("metric: val_linear_probe_acc", "metric: accuracy"), "unknown metric 'accuracy'"),
         (("base: {epochs: 3}", "base: {epochs: -1}"), "epochs: Input should be greater than or equal to 1"),
         (("mode: max", "mode: maximise"), "mode: Input should be 'max' or 'min'"),
         (("name: t", "name: t\nscheduler: {type: asha, max_epochs: 9}"), "max_epochs 9 exceeds base epochs 3"),
@@ -126,8 +126,8 @@ def test_searchers_follow_the_file(tmp_path):
     grid = load_search_space(write(tmp_path, VALID))
     assert make_searcher(grid, tmp_path / "grid") is None  # a grid runs every value, no search algorithm
     two = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}").replace(
-        "metric: linear_probe_acc\nmode: max\n",
-        "objectives: [{metric: linear_probe_acc, mode: max}, {metric: pretrain_time_s, mode: min}]\n"
+        "metric: val_linear_probe_acc\nmode: max\n",
+        "objectives: [{metric: val_linear_probe_acc, mode: max}, {metric: pretrain_time_s, mode: min}]\n"
         "scheduler: {type: none}\nsampler: nsga2\n")
     space = load_search_space(write(tmp_path, two))
     searcher = make_searcher(space, tmp_path / "search")
@@ -145,20 +145,20 @@ def test_searchers_follow_the_file(tmp_path):
 
 
 def test_finetuning_objective_needs_finetuning_when_it_is_read(tmp_path):
-    """finetune_acc can be the objective; a space that never computes it, or ASHA reading it at rungs
+    """val_finetune_acc can be the objective; a space that never computes it, or ASHA reading it at rungs
     where it is not computed, is refused in one line before Ray starts."""
-    grid = VALID.replace("metric: linear_probe_acc", "metric: finetune_acc") + "scheduler: {type: none}\n"
-    assert load_search_space(write(tmp_path, grid)).primary.metric == "finetune_acc"
+    grid = VALID.replace("metric: val_linear_probe_acc", "metric: val_finetune_acc") + "scheduler: {type: none}\n"
+    assert load_search_space(write(tmp_path, grid)).primary.metric == "val_finetune_acc"
     never = grid.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {finetune: {at: never}}}")
-    with pytest.raises(ConfigError, match=r"base.eval.finetune.at is 'never' but the objective 'finetune_acc'"):
+    with pytest.raises(ConfigError, match=r"base.eval.finetune.at is 'never' but the objective 'val_finetune_acc'"):
         load_search_space(write(tmp_path, never))
-    asha = VALID.replace("metric: linear_probe_acc", "metric: partial_finetune_acc") + \
+    asha = VALID.replace("metric: val_linear_probe_acc", "metric: val_partial_finetune_acc") + \
         "scheduler: {type: asha}\n"
     asha = asha.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}")
     with pytest.raises(ConfigError, match=r"partial_finetune.at is 'never' .* needs every_eval"):
         load_search_space(write(tmp_path, asha))
     ok = asha.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {partial_finetune: {at: every_eval}}}")
-    assert load_search_space(write(tmp_path, ok)).primary.metric == "partial_finetune_acc"
+    assert load_search_space(write(tmp_path, ok)).primary.metric == "val_partial_finetune_acc"
 
 
 def test_embedding_width_without_sincos_is_refused_before_ray(tmp_path):
@@ -238,3 +238,17 @@ def test_bad_set_values_are_one_line_errors_before_ray(tmp_path):
               "--set", f"data.path={tmp_path / 'stl10_binary'}", check=False)
     assert out.returncode == 2 and "data.path (stl10): data path" in out.stdout and "does not exist" in out.stdout
     assert "Ray:" not in out.stdout and not (tmp_path / "r").exists()
+
+
+def test_selection_reads_the_validation_split_unless_the_file_says_test(tmp_path):
+    """A test metric as the objective is refused with the validation name to use; select_on: test allows it
+    (and then scores the test split at every evaluation, so ASHA can read it at every rung)."""
+    on_test = VALID.replace("metric: val_linear_probe_acc", "metric: linear_probe_acc")
+    with pytest.raises(ConfigError, match=r"objective 'linear_probe_acc' is measured on the test split; select on "
+                                          r"'val_linear_probe_acc' \(the validation split\), or say select_on: test"):
+        load_search_space(write(tmp_path, on_test))
+    space = load_search_space(write(tmp_path, on_test + "select_on: test\n"))
+    assert space.select_on == "test" and space.base.eval.test_at == "every_eval"
+    assert load_search_space(write(tmp_path, VALID)).base.eval.test_at == "end"
+    with pytest.raises(ConfigError, match=r"select_on: test, but objective 'val_linear_probe_acc'"):
+        load_search_space(write(tmp_path, VALID + "select_on: test\n"))

@@ -119,9 +119,12 @@ def test_search_logged_to_real_mlflow_server(tmp_path, mlflow_server, monkeypatc
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == trial["epoch"].tolist()
         assert np.allclose([m.value for m in sorted(history, key=lambda m: m.step)], trial["loss"])
         # Grouped names: one section per prefix in the MLflow UI.
-        assert {"train/mask_ratio", "train/lr", "eval/linear_probe_acc", "eval/knn_acc", "eval/psnr",
-                "eval/masked_hf_error", "system/epoch_time_s", "system/throughput_img_s", "train/freq_loss",
+        assert {"train/mask_ratio", "train/lr", "eval/val_linear_probe_acc", "eval/val_knn_acc", "eval/val_psnr",
+                "eval/val_masked_hf_error", "system/epoch_time_s", "system/throughput_img_s", "train/freq_loss",
                 "train/unif_loss"} <= set(child.data.metrics)
+        # The test split is scored at the last epoch only: a trial ASHA stopped has no test numbers.
+        on_test = {"eval/linear_probe_acc", "eval/knn_acc", "eval/psnr"} <= set(child.data.metrics)
+        assert on_test == (trial["status"].iloc[-1] == "completed")
         assert child.info.run_name == f"blr={trial['param.optim.blr'].iloc[0]:.3g} seed=0"
         grids = [a.path for a in client.list_artifacts(child.info.run_id, "reconstruction")]
         assert grids and all(p.endswith(".png") for p in grids)

@@ -73,8 +73,9 @@ def test_reconstruction_is_measured_at_the_target_ratio_mid_curriculum(micro_cfg
     history = trainer.fit()
     trainer.save_reconstruction(tmp_path / "grid.png")
     assert history[0]["mask_ratio"] < 0.4
-    # 16 patches, int(16 * (1 - 0.9)) = 1 visible: 15 of 16 masked (0.36 would mask 6).
-    assert masked == [15 / 16, 15 / 16]
+    # 16 patches, int(16 * (1 - 0.9)) = 1 visible: 15 of 16 masked (0.36 would mask 6); the metrics on
+    # the validation and the test split, then the grid.
+    assert masked == [15 / 16] * 3
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, micro_cfg):
@@ -127,10 +128,19 @@ def test_reconstruction_grid_written(tmp_path, micro_cfg):
     assert Image.open(path).size == (4 * 64 + 5 * 2, 3 * 64 + 4 * 2)
 
 
-def test_evaluation_metrics_present(micro_cfg):
-    metrics = Trainer(micro_cfg).evaluate()
-    assert 0 <= metrics["linear_probe_acc"] <= 1 and 0 <= metrics["knn_acc"] <= 1
-    assert metrics["psnr"] > 0 and metrics["masked_hf_error"] > 0 and metrics["test_mse"] > 0
+def test_validation_at_every_evaluation_and_test_at_the_last_only(micro_cfg):
+    """What a search selects on (val_*) is measured at every evaluation; the test split only at the last
+    epoch, so neither Optuna nor ASHA can see it."""
+    trainer = Trainer(micro_cfg)
+    mid = trainer.evaluate()
+    val_keys = {"val_linear_probe_acc", "val_knn_acc", "val_psnr", "val_test_mse", "val_masked_hf_error"}
+    test_keys = {"linear_probe_acc", "knn_acc", "psnr", "test_mse", "masked_hf_error", "eval_test_images"}
+    assert val_keys <= set(mid) and not test_keys & set(mid)
+    final = trainer.evaluate(final=True)
+    assert val_keys | test_keys <= set(final)
+    # The same model, split and seed: the validation numbers do not move between the two calls.
+    assert all(final[k] == mid[k] for k in val_keys)
+    assert final["eval_val_images"] == len(trainer.data.val) and final["eval_train_images"] == len(trainer.data.train)
 
 
 def test_psnr_uses_true_patch_statistics_only_where_labelled(micro_cfg):
@@ -138,9 +148,9 @@ def test_psnr_uses_true_patch_statistics_only_where_labelled(micro_cfg):
     With pixel targets nothing is borrowed and the two agree."""
     trained = Trainer(micro_cfg)
     trained.fit()
-    norm_pix = trained.evaluate()
+    norm_pix = trained.evaluate(final=True)
     assert norm_pix["psnr_true_stats"] > norm_pix["psnr"] + 0.1
-    pixel = Trainer(micro_cfg.with_overrides({"loss.norm_pix_loss": False})).evaluate()
+    pixel = Trainer(micro_cfg.with_overrides({"loss.norm_pix_loss": False})).evaluate(final=True)
     assert pixel["psnr"] == pytest.approx(pixel["psnr_true_stats"])
 
 
@@ -157,7 +167,7 @@ def test_embedded_task_has_signal_pretraining_beats_both_reference_rows():
     trainer = Trainer(cfg)
     history = trainer.fit()
     trained = history[-1]
-    refs = {kind: evaluate_reference(kind, cfg.model, trainer.data.train, trainer.data.test, cfg.eval,
+    refs = {kind: evaluate_reference(kind, cfg.model, trainer.data.train, {"test": trainer.data.test}, cfg.eval,
                                      trainer.device, cfg.seed) for kind in ("random_init", "raw_pixels")}
     assert trained["mse"] < 0.6 * history[0]["mse"]
     assert trained["linear_probe_acc"] > refs["random_init"]["linear_probe_acc"] + MARGIN

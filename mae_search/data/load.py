@@ -6,6 +6,8 @@ this module is what the training code and the search's pre-flight call.
 
 from __future__ import annotations
 
+import torch
+
 from mae_search.config import DataConfig, ModelConfig
 from mae_search.data.memory import DataError, ImageSet
 from mae_search.data.sources import SOURCES
@@ -29,6 +31,20 @@ def load_data(cfg: DataConfig, model: ModelConfig, seed: int = 0) -> DataSplits:
             # A fixed subset: the first images (every loader keeps a fixed order), the same for every trial.
             t = splits.train
             splits.train = ImageSet(t.images[: cfg.num_labelled], t.labels[: cfg.num_labelled], t.classes)
+    if splits.val is None:  # in memory: a random subset drawn from the seed
+        splits.train, splits.val = carve_validation(splits.train, cfg.val_count(len(splits.train)), seed)
     if cfg.final_eval == "subset":
         splits.full_train = splits.full_test = None
     return splits
+
+
+def carve_validation(labelled: ImageSet, count: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(the labelled images left to train the probe, k-NN and fine-tuning on, ``count`` validation images),
+    drawn without overlap by a permutation from ``seed``: each seed its own split, the same on a rerun."""
+    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(VAL_SEED + seed))
+    keep, val = order[count:].sort().values, order[:count].sort().values
+    return (ImageSet(labelled.images[keep], labelled.labels[keep], labelled.classes),
+            ImageSet(labelled.images[val], labelled.labels[val], labelled.classes))
+
+
+VAL_SEED = 7_919_000  # the validation draw's stream, apart from the seed's other draws

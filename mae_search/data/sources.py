@@ -382,7 +382,8 @@ class Prepared(Source):
         read_manifest(cfg.path)
 
     def load(self, cfg: DataConfig, size: int, seed: int) -> DataSplits:
-        return load_prepared(cfg.path, size, cfg.eval_images, cfg.decode_workers, cfg.shuffle_shards)
+        return load_prepared(cfg.path, size, cfg.eval_images, cfg.decode_workers, cfg.shuffle_shards,
+                             cfg.val_count)
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in (SyntheticShapes(), Cifar10(), Stl10(), ImageFolder(), Prepared())}

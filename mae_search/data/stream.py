@@ -23,8 +23,8 @@ fine-tuning, evaluation) reads a split, whichever kind it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -205,15 +205,17 @@ Labelled = ImageSet | PreparedSet
 @dataclass
 class DataSplits:
     """What a trial reads. ``pretrain`` feeds MAE (in memory, or streamed from a prepared set);
-    ``train``/``test`` are the labelled splits for probing, k-NN and fine-tuning, in memory. A prepared
-    set also gives its whole labelled splits, streamed (``full_train``/``full_test``), for the last
-    epoch's evaluation."""
+    ``train``/``test`` are the labelled splits for probing, k-NN and fine-tuning, in memory, and ``val``
+    the validation images carved from the labelled training ones (none of them in ``train`` or
+    ``full_train``). A prepared set also gives its whole labelled splits, streamed
+    (``full_train``/``full_test``), for the last epoch's evaluation."""
 
     pretrain: Labelled
     train: ImageSet
     test: ImageSet
     full_train: PreparedSet | None = None
     full_test: PreparedSet | None = None
+    val: ImageSet | None = None  # carved from the labelled training images: what a search selects on
 
     def labelled(self, final: bool) -> tuple[Labelled, Labelled]:
         """The (train, test) an evaluation uses: the whole splits at the last epoch where there are
@@ -240,17 +242,43 @@ def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
                     tuple(manifest.classes))
 
 
-def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, shuffle_shards: int
-                  ) -> DataSplits:
-    """Streamed pre-training split, in-memory labelled subsets, and the streamed whole labelled splits."""
+def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, shuffle_shards: int,
+                  val_count: Callable[[int], int] | None = None) -> DataSplits:
+    """Streamed pre-training split, in-memory labelled subsets, the streamed whole labelled splits, and
+    the validation images (``val_count(labelled images)`` of them) from the train split's first shards."""
     manifest = read_manifest(path)
     if manifest.resolution != size:
         raise DataError(f"prepared: {manifest.root} holds {manifest.resolution} px images but model.img_size is "
                         f"{size} (prepare it again with --resolution {size}, or set model.img_size)")
     test = test_split(manifest)
+    pretrain = PreparedSet(manifest, pretrain_split(manifest), decode_workers, shuffle_shards)
+    val = None
+    if val_count is not None:
+        manifest = carve_validation(manifest, val_count(manifest.images("train")))
+        val = load_labelled(manifest, VAL_SPLIT, manifest.images(VAL_SPLIT))
 
     def streamed(split: str) -> PreparedSet:
         return PreparedSet(manifest, split, decode_workers, shuffle_shards)
 
-    return DataSplits(streamed(pretrain_split(manifest)), load_labelled(manifest, "train", eval_images),
-                          load_labelled(manifest, test, eval_images), streamed("train"), streamed(test))
+    return DataSplits(pretrain, load_labelled(manifest, "train", eval_images),
+                      load_labelled(manifest, test, eval_images), streamed("train"), streamed(test), val)
+
+
+VAL_SPLIT = "validation (carved from train)"
+
+
+def carve_validation(manifest: Manifest, count: int) -> Manifest:
+    """The manifest with the train split's first whole shards holding at least ``count`` images moved to
+    a validation split. Whole shards, so every reader of the train split (the streamed last-epoch
+    evaluation and fine-tuning included) leaves them out without knowing about them; the same shards
+    for every seed."""
+    shards = manifest.splits["train"]
+    taken, held = [], 0
+    while held < count and len(taken) < len(shards) - 1:
+        taken.append(shards[len(taken)])
+        held += taken[-1]["images"]
+    if held < count:
+        raise DataError(f"prepared: {manifest.root}'s train split has {len(shards)} shard(s); the validation "
+                        f"split ({count} images) needs whole shards and at least one left to train on (prepare "
+                        "it with smaller shards, or lower data.val_split)")
+    return replace(manifest, splits={**manifest.splits, "train": shards[len(taken):], VAL_SPLIT: taken})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mae_search.metrics import metric
 from mae_search.report.load import (
     ReportError,
     SearchRecord,
@@ -41,6 +42,7 @@ from mae_search.report.verdict import verdict
 from mae_search.search.record import BEST_GRID_FILE, Status
 from mae_search.search.results import final_rows
 from mae_search.search.search_dir import RESULTS_FILE, SPACE_FILE
+from mae_search.search.space import SearchSpace
 
 
 def build_report(records: list[SearchRecord], command: str) -> Report:
@@ -63,6 +65,7 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     each = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
     report.text(f"Trials recorded: {recorded} of {expected} planned{each} ({summary}). "
                 f"Objective: {space.primary.mode} {space.primary.metric}.")
+    report.text(selection_sentence(space, final))
     if final.empty or not (final["status"] == Status.COMPLETED).any():
         report.text("**No trial has finished yet**: tables below will fill in as trials complete.")
     if space.is_grid:
@@ -89,6 +92,20 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
         report.image(BEST_GRID_FILE, grid, "best trial reconstructions")
     return report
 
+
+
+def selection_sentence(space: SearchSpace, final: pd.DataFrame) -> str:
+    """Which split picked the best, in words: the report's numbers mean different things either way."""
+    label = metric(space.primary.metric).label
+    if space.select_on == "test":
+        return (f"**Selected on the test split** (the search had no validation split, or its space says "
+                f"select_on: test): the same {label} numbers pick and score the best setting below, so its lead "
+                "is optimistic.")
+    counts = final["eval_val_images"].dropna() if "eval_val_images" in final else pd.Series(dtype=float)
+    size = f"{int(counts.iloc[0]):,} " if len(counts) and counts.nunique() == 1 else ""
+    return (f"Selected on the validation split ({size}images carved from the labelled training images): "
+            f"{label}. Test numbers are measured at each trial's last epoch only, never seen by Optuna or "
+            "ASHA; the tables give both.")
 
 
 def write_report(records: list[SearchRecord], out: str | Path, command: str) -> Path:

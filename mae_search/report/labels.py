@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mae_search.metrics import REGISTRY, Metric
+from mae_search.metrics import REGISTRY, Metric, test_name
 from mae_search.search.space import SearchSpace
 
-METRICS = REGISTRY
+# The report's column order: each validation metric right after its test metric (LP, val LP, FT, ...).
+METRICS = tuple(sorted(REGISTRY, key=lambda m: [n.name for n in REGISTRY].index(test_name(m.name))))
 
 
 REFERENCE_LABELS = {"random_init": "random-init encoder (reference)", "raw_pixels": "raw pixels (reference)"}

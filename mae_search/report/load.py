@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from mae_search.metrics import from_mlflow_key
+from mae_search.metrics import SELECTABLE, from_mlflow_key
 from mae_search.report.labels import (
     METRICS,
 )
@@ -71,9 +71,12 @@ def _read_space(text: str, source: str) -> SearchSpace:
     from mae_search.config import describe_validation_error
 
     try:
-        return SearchSpace.model_validate_json(text)
+        space = SearchSpace.model_validate_json(text)
     except ValidationError as exc:
         raise ReportError(describe_validation_error(exc, source)) from None
+    if space.select_on == "val" and space.primary.metric in SELECTABLE:
+        space.select_on = "test"  # recorded before searches had a validation split: they selected on test
+    return space
 
 
 

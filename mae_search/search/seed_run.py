@@ -196,4 +196,5 @@ def reference_task(cfg_json: dict[str, Any], kind: str, threads: float) -> dict[
     cfg = TrainConfig.model_validate(cfg_json)
     data = load_data(cfg.data, cfg.model, seed=cfg.seed)
     train, test = data.labelled(final=True)  # what a trial's last epoch is evaluated on
-    return evaluate_reference(kind, cfg.model, train, test, cfg.eval, resolve_device(cfg.device), cfg.seed)
+    targets = {"val": data.val, "test": test} if data.val is not None else {"test": test}
+    return evaluate_reference(kind, cfg.model, train, targets, cfg.eval, resolve_device(cfg.device), cfg.seed)

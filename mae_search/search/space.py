@@ -34,7 +34,7 @@ from mae_search.config import (
     read_text,
     read_yaml,
 )
-from mae_search.metrics import BY_NAME, NAMES
+from mae_search.metrics import BY_NAME, NAMES, SELECTABLE, VAL_PREFIX, test_name, val_name
 
 
 class Dimension(StrictModel):
@@ -137,6 +137,9 @@ class SearchSpace(StrictModel):
     metric: str | None = None
     mode: Literal["max", "min"] | None = None
     objectives: list[Objective] | None = None
+    select_on: Literal["val", "test"] = Field(
+        "val", description="the split objectives are measured on: val (carved from the labelled training images) "
+        "or test, which makes every reported best optimistic and the report says so")
     num_samples: int = Field(1, ge=1, description="Optuna: trials; grid: repetitions of the whole grid")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     seeds_per_trial: int = Field(
@@ -268,6 +271,21 @@ def _check_combinations(space: SearchSpace, source: str, limit: int = 4096) -> N
             raise ConfigError(f"{source}: dimensions {given or combination}: invalid together ({detail})") from None
 
 
+def _check_selection_split(space: SearchSpace, source: str) -> None:
+    """Objectives read the split ``select_on`` names: a test metric is selected on only when the file says
+    so, and then the test split is scored at every evaluation (ASHA compares it at every rung)."""
+    for objective in space.objectives:
+        on_test = objective.metric in SELECTABLE
+        if on_test and space.select_on == "val":
+            raise ConfigError(f"{source}: objective '{objective.metric}' is measured on the test split; select on "
+                              f"'{val_name(objective.metric)}' (the validation split), or say select_on: test")
+        if space.select_on == "test" and objective.metric.startswith(VAL_PREFIX):
+            raise ConfigError(f"{source}: select_on: test, but objective '{objective.metric}' is measured on the "
+                              f"validation split; use '{test_name(objective.metric)}'")
+    if space.select_on == "test":
+        space.base = space.base.with_overrides({"eval.test_at": "every_eval"}, source="")
+
+
 def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(raw)
@@ -323,6 +341,7 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
             raise ConfigError(f"{source}: initial_points[{i}]: {str(exc).removeprefix(': ')}") from None
     if space.initial_points and space.is_grid:
         raise ConfigError(f"{source}: initial_points: only for Optuna searches (a grid runs every value anyway)")
+    _check_selection_split(space, source)
     evaluated = BY_NAME[space.primary.metric].source == "eval"
     if evaluated and space.scheduler.type == "asha" and base.eval.every_epochs != 1:
         raise ConfigError(

@@ -36,6 +36,7 @@ from mae_search.data.stream import Labelled, PreparedSet
 from mae_search.mae.losses import laplacian, masked_mse, patch_targets, pixel_mask
 from mae_search.mae.masking import patchify, unpatchify
 from mae_search.mae.model import MaskedAutoencoderViT, encoder_state_dict
+from mae_search.metrics import val_name
 from mae_search.training.finetune import finetune
 
 REFERENCE_KINDS = ("random_init", "raw_pixels")
@@ -113,17 +114,14 @@ def _grown(rows: torch.Tensor, filled: int, size: int) -> torch.Tensor:
     return bigger
 
 
-def linear_probe_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    epochs: int = 50, seed: int = 0, lr: float = 0.1,
-) -> float:
-    """Top-1 of BatchNorm1d(affine=False, eps=1e-6) + Linear on frozen features (SGD, momentum, cosine lr).
+def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 50,
+                     seed: int = 0, lr: float = 0.1) -> nn.Module:
+    """BatchNorm1d(affine=False, eps=1e-6) + Linear trained on frozen features (SGD, momentum, cosine lr).
 
     The BatchNorm is a normaliser, not a learned layer: it makes the probe
     insensitive to feature scale, which is why the paper adds it.
     """
     gen = torch.Generator().manual_seed(seed)
-    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     dim = train_x.shape[1]
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)).to(train_x.device)
     nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
@@ -143,9 +141,21 @@ def linear_probe_accuracy(
             loss.backward()
             opt.step()
             sched.step()
-    head.eval()
-    with torch.no_grad():
-        return (head(test_x).argmax(1) == test_y).float().mean().item()
+    return head.eval()
+
+
+@torch.no_grad()
+def probe_accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (head(x).argmax(1) == y).float().mean().item()
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+    epochs: int = 50, seed: int = 0, lr: float = 0.1,
+) -> float:
+    """Top-1 on ``test`` of a probe fitted on ``train`` (:func:`fit_linear_probe`)."""
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    return probe_accuracy(fit_linear_probe(train_x, train_y, num_classes, epochs, seed, lr), test_x, test_y)
 
 
 def knn_accuracy(
@@ -186,23 +196,32 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int) -> tu
     return best_sims, best_idx
 
 
-def feature_metrics(train: Features, test: Features, cfg: EvalConfig, seed: int) -> dict[str, float]:
-    """Linear probe and k-NN on given features (encoder or raw pixels alike), and how many images each
-    split had (the report says which evaluation set a number comes from)."""
-    (tr_x, tr_y), (te_x, te_y) = train, test
-    return {
-        "linear_probe_acc": linear_probe_accuracy(tr_x, tr_y, te_x, te_y, cfg.probe.epochs, seed, cfg.probe.lr),
-        "knn_acc": knn_accuracy(tr_x, tr_y, te_x, te_y, cfg.knn_k),
-        "eval_train_images": float(len(tr_y)),
-        "eval_test_images": float(len(te_y)),
-    }
+def split_key(name: str, split: str) -> str:
+    """A metric's name for a split: ``val_<name>`` on the validation split, the plain name on test."""
+    return val_name(name) if split == "val" else name
 
 
-def encoder_metrics(model: MaskedAutoencoderViT, train: Labelled, test: Labelled, cfg: EvalConfig,
+def feature_metrics(train: Features, targets: dict[str, Features], cfg: EvalConfig, seed: int) -> dict[str, float]:
+    """Linear probe and k-NN on given features (encoder or raw pixels alike), fitted once on ``train`` and
+    scored on each target split (``val``, ``test``), and how many images each split had (the report says
+    which evaluation set a number comes from)."""
+    tr_x, tr_y = train
+    num_classes = int(max([tr_y.max().item()] + [y.max().item() for _, y in targets.values()])) + 1
+    head = fit_linear_probe(tr_x, tr_y, num_classes, cfg.probe.epochs, seed, cfg.probe.lr)
+    metrics = {"eval_train_images": float(len(tr_y))}
+    for split, (x, y) in targets.items():
+        metrics[split_key("linear_probe_acc", split)] = probe_accuracy(head, x, y)
+        metrics[split_key("knn_acc", split)] = knn_accuracy(tr_x, tr_y, x, y, cfg.knn_k)
+        metrics[f"eval_{split}_images"] = float(len(y))
+    return metrics
+
+
+def encoder_metrics(model: MaskedAutoencoderViT, train: Labelled, targets: dict[str, Labelled], cfg: EvalConfig,
                     device: torch.device, seed: int) -> dict[str, float]:
     """Linear probe and k-NN on the frozen encoder's features (a trial's and the random-init reference's)."""
     pool = cfg.probe.pool
-    return feature_metrics(extract_features(model, train, pool, device), extract_features(model, test, pool, device),
+    return feature_metrics(extract_features(model, train, pool, device),
+                           {split: extract_features(model, data, pool, device) for split, data in targets.items()},
                            cfg, seed)
 
 
@@ -247,16 +266,16 @@ def _psnr(original: torch.Tensor, recon: torch.Tensor, mask_px: torch.Tensor) ->
     return (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).item()
 
 
-def reconstruction_metrics(rec: dict[str, torch.Tensor]) -> dict[str, float]:
+def reconstruction_metrics(rec: dict[str, torch.Tensor], split: str = "test") -> dict[str, float]:
     """Held-out masked MSE, the two PSNRs (dB) and the Laplacian L1 error, over removed pixels only."""
     original, mask_px = rec["original"], rec["mask_px"]
     denom = (mask_px.sum() * original.shape[1]).clamp(min=1)
     hf = ((laplacian(rec["recon_true_stats"]) - laplacian(original)).abs() * mask_px).sum() / denom
     return {
-        "test_mse": rec["masked_mse"].item(),
-        "psnr": _psnr(original, rec["recon"], mask_px),
-        "psnr_true_stats": _psnr(original, rec["recon_true_stats"], mask_px),
-        "masked_hf_error": hf.item(),
+        split_key("test_mse", split): rec["masked_mse"].item(),
+        split_key("psnr", split): _psnr(original, rec["recon"], mask_px),
+        split_key("psnr_true_stats", split): _psnr(original, rec["recon_true_stats"], mask_px),
+        split_key("masked_hf_error", split): hf.item(),
     }
 
 
@@ -283,20 +302,21 @@ def due(when: str, final: bool) -> bool:
 
 
 def finetune_metrics(
-    model: MaskedAutoencoderViT, train: Labelled, test: Labelled, cfg: EvalConfig, final: bool,
+    model: MaskedAutoencoderViT, train: Labelled, targets: dict[str, Labelled], cfg: EvalConfig, final: bool,
     device: torch.device, seed: int, *, rank: int = 0, world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None, use_amp: bool = False,
 ) -> dict[str, float]:
-    """Full and partial fine-tuning, where due. Every rank must call this (fine-tuning is DDP-aware)."""
+    """Full and partial fine-tuning, where due: one run each, scored on every target split. Every rank
+    must call this (fine-tuning is DDP-aware)."""
     metrics: dict[str, float] = {}
     variants: tuple[tuple[str, FinetuneConfig], ...] = (
         ("finetune", cfg.finetune), ("partial_finetune", cfg.partial_finetune))
     for name, ft in variants:
         if not due(ft.at, final):
             continue
-        result = finetune(encoder_state_dict(model), model.cfg, train, test, ft, device=device, seed=seed,
+        result = finetune(encoder_state_dict(model), model.cfg, train, targets, ft, device=device, seed=seed,
                           rank=rank, world_size=world_size, wrap_model=wrap_model, use_amp=use_amp)
-        metrics[f"{name}_acc"] = result.accuracy
+        metrics.update({split_key(f"{name}_acc", split): acc for split, acc in result.accuracies.items()})
         metrics[f"{name}_time_s"] = result.time_s
     return metrics
 
@@ -304,40 +324,48 @@ def finetune_metrics(
 def evaluate(
     model: MaskedAutoencoderViT,
     train: Labelled,
-    test: Labelled,
-    held_out: torch.Tensor,
+    targets: dict[str, Labelled],
     cfg: EvalConfig,
     mask_ratio: float,
     norm_pix: bool,
     device: torch.device,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Probe and k-NN on ``train``/``test``, reconstruction metrics on the ``held_out`` uint8 images
-    (rank 0 only; fine-tuning is separate).
+    """Probe and k-NN fitted on ``train`` and scored on each target split, reconstruction metrics on the
+    first 512 images of each (rank 0 only; fine-tuning is separate).
 
     Fixed splits and a fixed masking seed make the numbers comparable across epochs.
     """
     metrics: dict[str, float] = {}
     if has_labels(train):
-        metrics.update(encoder_metrics(model, train, test, cfg, device, seed))
+        metrics.update(encoder_metrics(model, train, targets, cfg, device, seed))
     fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        sample = held_out[:512].to(device)
-        metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix)))
+    for split, data in targets.items():
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            sample = held_out_images(data)[:512].to(device)
+            metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix), split))
     return metrics
 
 
-def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, test: Labelled, cfg: EvalConfig,
-                       device: torch.device, seed: int) -> dict[str, float]:
+def held_out_images(data: Labelled, count: int = 512) -> torch.Tensor:
+    """The first ``count`` uint8 images of a split, in memory or streamed."""
+    if isinstance(data, PreparedSet):
+        return next(iter(data.in_order(count)))[0]
+    return data.images[:count]
+
+
+def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, targets: dict[str, Labelled],
+                       cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, float]:
     """A reference row: ``random_init`` (the seed's untrained encoder through the full protocol,
-    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels).
-    Give it the splits a trial's last epoch is evaluated on (``DataSplits.labelled(final=True)``)."""
+    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels),
+    on the splits a trial's last epoch is evaluated on (validation and test)."""
     if kind == "raw_pixels":
-        return feature_metrics(pixel_features(train, device), pixel_features(test, device), cfg, seed)
+        return feature_metrics(pixel_features(train, device),
+                               {split: pixel_features(data, device) for split, data in targets.items()}, cfg, seed)
     if kind != "random_init":
         raise ValueError(f"unknown reference '{kind}' (known: {', '.join(REFERENCE_KINDS)})")
     torch.manual_seed(seed)  # the same initialisation as a trial of this seed (see Trainer)
     model = MaskedAutoencoderViT(model_cfg).to(device)
-    metrics = encoder_metrics(model, train, test, cfg, device, seed)
-    return {**metrics, **finetune_metrics(model, train, test, cfg, True, device, seed)}
+    metrics = encoder_metrics(model, train, targets, cfg, device, seed)
+    return {**metrics, **finetune_metrics(model, train, targets, cfg, True, device, seed)}

@@ -34,8 +34,13 @@ from mae_search.training.schedule import lr_at
 
 @dataclass
 class FinetuneResult:
-    accuracy: float  # top-1 on the test split, in [0, 1]
+    accuracies: dict[str, float]  # top-1 on each split it was scored on (val, test), in [0, 1]
     time_s: float  # wall time of the fine-tuning run (training and evaluation)
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 on the test split (or on the one split it was scored on)."""
+        return self.accuracies.get("test", next(iter(self.accuracies.values())))
 
 
 def build_classifier(encoder: dict[str, torch.Tensor], model_cfg: ModelConfig, num_classes: int,
@@ -90,7 +95,7 @@ def finetune(
     encoder: dict[str, torch.Tensor],
     model_cfg: ModelConfig,
     train: Labelled,
-    test: Labelled,
+    test: Labelled | dict[str, Labelled],
     cfg: FinetuneConfig,
     *,
     device: torch.device,
@@ -100,7 +105,8 @@ def finetune(
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     use_amp: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune a classifier initialised from ``encoder`` on ``train``; top-1 on ``test``.
+    """Fine-tune a classifier initialised from ``encoder`` on ``train``; top-1 on ``test`` (a split, or
+    several by name: one fine-tuning scored on the validation and the test split).
 
     Randomness (head init, drop path, batches, crops, mixup and cutmix) comes from ``seed`` (and the
     rank) alone, so the same encoder and seed give the same accuracy, and a random init run through
@@ -141,8 +147,10 @@ def finetune(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-        accuracy = classifier_accuracy(model, test, device, rank, world_size, use_amp)
-    return FinetuneResult(accuracy=accuracy, time_s=time.perf_counter() - start)
+        targets = test if isinstance(test, dict) else {"test": test}
+        accuracies = {split: classifier_accuracy(model, data, device, rank, world_size, use_amp)
+                      for split, data in targets.items()}
+    return FinetuneResult(accuracies=accuracies, time_s=time.perf_counter() - start)
 
 
 @torch.no_grad()

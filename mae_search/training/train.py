@@ -20,6 +20,7 @@ from torch import nn
 from mae_search.config import TrainConfig
 from mae_search.data.load import DataSplits, load_data
 from mae_search.data.memory import crop_flip, normalize
+from mae_search.data.stream import Labelled
 from mae_search.mae.losses import mae_loss
 from mae_search.mae.masking import scheduled_mask_ratio
 from mae_search.mae.model import MaskedAutoencoderViT
@@ -198,19 +199,28 @@ class Trainer:
         reconstruction run on rank 0 only (they are cheap, and rank 0 reports them). The last epoch
         of a prepared set is evaluated on its whole labelled splits (``data.final_eval``)."""
         metrics: dict[str, float] = {}
-        train, test = self.data.labelled(final)
+        train, targets = self.eval_splits(final)
         if self.rank == 0:
             metrics.update(evaluate(
-                self.model, train, test, self.data.test.images, self.cfg.eval,
+                self.model, train, targets, self.cfg.eval,
                 self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
             ))  # reconstruction at the target ratio, mid-curriculum too: comparable with a run without one
         if has_labels(train):
             metrics.update(finetune_metrics(
-                self.model, train, test, self.cfg.eval, final, self.device, self.cfg.seed,
+                self.model, train, targets, self.cfg.eval, final, self.device, self.cfg.seed,
                 rank=self.rank, world_size=self.world_size, wrap_model=self.wrap_model, use_amp=self.use_amp,
             ))
         self.model.train()
         return metrics
+
+    def eval_splits(self, final: bool) -> tuple[Labelled, dict[str, Labelled]]:
+        """(labelled training images, the splits scored): the validation split at every evaluation, what a
+        search selects on; the test split at the last epoch only, so no searcher or scheduler sees it."""
+        train, test = self.data.labelled(final)
+        targets: dict[str, Labelled] = {"val": self.data.val} if self.data.val is not None else {}
+        if final or not targets or self.cfg.eval.test_at == "every_eval":
+            targets["test"] = test
+        return train, targets
 
     def save_reconstruction(self, path: str | Path) -> Path:
         """Reconstruction grid of the first test images under a fixed masking seed, at the target ratio."""
