@@ -258,7 +258,7 @@ def test_optuna_search_report_best_trials_importances_pareto(tmp_path):
     assert rows[2].startswith("| j11 |")  # the best trial first; one seed each, so not marked
     # The report opens with the verdict: every trial beats both references, the best four named.
     assert md.split("\n\n")[1] == (
-        "**Verdict** (test split): 12 of 12 trained settings beat the random-init encoder and raw pixels on LP "
+        "**Verdict** (test split): 12 of 12 finished settings beat the random-init encoder and raw pixels on LP "
         "top-1 (points, paired by seed): j11 +73.0 (n=1) over random-init encoder, +63.0 (n=1) over raw pixels; "
         "j10 +70.0 (n=1) over random-init encoder, +60.0 (n=1) over raw pixels; j9 +67.0 (n=1) over random-init "
         "encoder, +57.0 (n=1) over raw pixels; j8 +64.0 (n=1) over random-init encoder, +54.0 (n=1) over raw "

@@ -54,7 +54,7 @@ def test_many_searched_parameters_follow_the_table_as_items():
 
 
 def test_the_verdict_never_splits_a_margin():
-    text = ("**Verdict** (test split): 1 of 2 trained settings beat the random-init encoder and raw pixels on "
+    text = ("**Verdict** (test split): 1 of 2 finished settings beat the random-init encoder and raw pixels on "
             "LP top-1 (points, paired by seed): 0.75 +12.0 ± 1.0 (n=5) over random-init encoder, +14.1 ± 0.9 "
             "(n=5) over raw pixels.")
     console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115

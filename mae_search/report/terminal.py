@@ -98,13 +98,16 @@ def _table(columns: list[tuple[str, list[str]]], caption: str | None, width: int
 
 
 def print_references(console: Console, df: pd.DataFrame) -> None:
-    """One line per reference kind (mean over its seeds): what the trials above must beat."""
+    """One line per reference kind (mean over its seeds): what the trials above must beat, on the test
+    split and on the validation split the search selected on."""
     short = {m.name: m.short for m in REGISTRY if m.short}
     for kind, rows in reference_rows(df).groupby("reference", sort=True):
         shown = [f"{name} {rows[k].mean() * 100:.1f} %" for k, name in short.items()
                  if k in rows and rows[k].notna().any()]
         seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
-        console.print(f"reference {kind.replace('_', '-')} ({seeds}): {', '.join(shown)}", highlight=False)
+        line = f"reference {kind.replace('_', '-')} ({seeds}): " + ", ".join(s.replace(" ", "\xa0") for s in shown)
+        console.print(textwrap.fill(line, console.width, subsequent_indent="  ", break_long_words=False,
+                                    break_on_hyphens=False).replace("\xa0", " "), highlight=False, soft_wrap=True)
 
 
 def print_verdict(console: Console, text: str) -> None:

@@ -51,7 +51,7 @@ def verdict(space: SearchSpace, table: pd.DataFrame) -> str:
     refs = reference_rows(table)
     settings = trained_settings(space, table)
     if not settings:
-        return "**Verdict**: no trained setting has finished yet, so nothing can be said about pre-training."
+        return "**Verdict**: no setting has finished yet, so nothing can be said about pre-training."
     if refs.empty or "reference" not in refs:
         return ("**Verdict**: this search recorded no reference rows, so the table cannot say whether "
                 "pre-training helped.")
@@ -78,10 +78,10 @@ def _protocol_sentence(key: str, kinds: tuple[str, ...], settings: list[tuple[st
 
     what = spec.label.removesuffix(" (%)")
     if not winners:
-        return (f"No trained setting beats the {names} on {what} at this budget (the best, {best}: "
+        return (f"No finished setting beats the {names} on {what} at this budget (the best, {best}: "
                 f"{margin(best)} points).")
     shown = sorted(winners, key=lambda label: -dict(measured)[label][key].mean())[:LISTED]
     more = f" and {len(winners) - LISTED} more" if len(winners) > LISTED else ""
     listed = "; ".join(f"{label} {margin(label)}" for label in shown)
-    return (f"{len(winners)} of {len(measured)} trained settings beat the {names} on {what} "
+    return (f"{len(winners)} of {len(measured)} finished settings beat the {names} on {what} "
             f"(points, paired by seed): {listed}{more}.")
