@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mae_search"
-BOTTOM = {"config", "metrics", "storage"}
+BOTTOM = {"config", "parsing", "metrics", "storage"}
 # What each part may import from the package (itself included); cli may import anything.
 ALLOWED = {
     "bottom": BOTTOM,
