@@ -39,6 +39,30 @@ def test_classifier_loads_the_encoder_weights():
         ViTClassifier.from_encoder(weights, MICRO.model_copy(update={"depth": 2}), num_classes=3)
 
 
+def test_training_from_scratch_gets_no_layer_decay_while_fine_tuning_does(monkeypatch):
+    """The random-init reference is trained from scratch: every block at the full lr and weight decay 0.3;
+    a pre-trained encoder's fine-tuning keeps layer decay 0.75 and weight decay 0.05."""
+    import mae_search.training.finetune as ft
+
+    seen = []
+    real = ft.make_finetune_optimizer
+
+    def spy(model, lr, cfg):
+        optimizer = real(model, lr, cfg)
+        seen.append(sorted({(round(g["base_lr"] / lr, 6), g["weight_decay"]) for g in optimizer.param_groups}))
+        return optimizer
+
+    monkeypatch.setattr(ft, "make_finetune_optimizer", spy)
+    cfg = micro_config(**{"model.depth": 2})
+    data = load_data(cfg.data, cfg.model, seed=0)
+    evaluate_reference("random_init", cfg.model, data.train, {"test": data.test}, cfg.eval, torch.device("cpu"), 0)
+    Trainer(cfg).evaluate(final=True)
+    scratch, finetuned = seen
+    assert scratch == [(1.0, 0.0), (1.0, 0.3)]  # one lr for every block; decay 0.3 where any
+    assert {scale for scale, _ in finetuned} == {0.75 ** 3, 0.75 ** 2, 0.75, 1.0}  # depth 2: embed, 2 blocks, head
+    assert {wd for _, wd in finetuned} == {0.0, 0.05}
+
+
 def test_layer_wise_lr_decay_scales_blocks_below_the_head():
     cfg = FinetuneConfig(layer_decay=0.5)
     model = build_classifier(encoder(), MICRO.model_copy(update={"depth": 1}), 3, cfg)
@@ -117,7 +141,10 @@ def test_reference_rows_use_the_trials_initialisation_and_raw_pixels():
     targets = {"val": data.val, "test": data.test}
     random_init = evaluate_reference("random_init", cfg.model, data.train, targets, cfg.eval,
                                      torch.device("cpu"), cfg.seed)
-    untrained = Trainer(cfg).evaluate(final=True)  # the model a trial of seed 4 starts from, same protocol
+    # The model a trial of seed 4 starts from, through the same protocol, fine-tuned on the from-scratch
+    # recipe (no layer decay, weight decay 0.3).
+    scratch = {"eval.finetune.layer_decay": 1.0, "eval.finetune.weight_decay": 0.3}
+    untrained = Trainer(cfg.with_overrides(scratch)).evaluate(final=True)
     for key in ("linear_probe_acc", "knn_acc", "finetune_acc"):
         assert random_init[key] == untrained[key], key
         assert random_init[f"val_{key}"] == untrained[f"val_{key}"], key

@@ -357,9 +357,10 @@ def held_out_images(data: Labelled, count: int = 512) -> torch.Tensor:
 
 def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, targets: dict[str, Labelled],
                        cfg: EvalConfig, device: torch.device, seed: int) -> dict[str, float]:
-    """A reference row: ``random_init`` (the seed's untrained encoder through the full protocol,
-    fine-tuning included: that is training from scratch) or ``raw_pixels`` (probe and k-NN on pixels),
-    on the splits a trial's last epoch is evaluated on (validation and test)."""
+    """A reference row: ``random_init`` (the seed's untrained encoder through the full protocol; its
+    fine-tuning is training from scratch, so it runs the from-scratch recipe, ``eval.scratch``) or
+    ``raw_pixels`` (probe and k-NN on pixels), on the splits a trial's last epoch is evaluated on
+    (validation and test)."""
     if kind == "raw_pixels":
         return feature_metrics(pixel_features(train, device),
                                {split: pixel_features(data, device) for split, data in targets.items()}, cfg, seed)
@@ -368,4 +369,4 @@ def evaluate_reference(kind: str, model_cfg: ModelConfig, train: Labelled, targe
     torch.manual_seed(seed)  # the same initialisation as a trial of this seed (see Trainer)
     model = MaskedAutoencoderViT(model_cfg).to(device)
     metrics = encoder_metrics(model, train, targets, cfg, device, seed)
-    return {**metrics, **finetune_metrics(model, train, targets, cfg, True, device, seed)}
+    return {**metrics, **finetune_metrics(model, train, targets, cfg.from_scratch(), True, device, seed)}
