@@ -158,12 +158,16 @@ def test_psnr_uses_true_patch_statistics_only_where_labelled(micro_cfg):
 def test_embedded_task_has_signal_pretraining_beats_both_reference_rows():
     """The embedded default must make ablations meaningful: a tiny MAE trained as the committed tiny
     ablations train it (search_spaces/mask_ratio_tiny.yaml at ratio 0.75, seed 0; about 2 CPU minutes)
-    beats the random-init encoder and raw pixels on the linear probe, and training from scratch on
-    fine-tuning, by margins several times the seed spread of the committed reports (std about 1-2 points)."""
+    beats the random-init encoder and raw pixels on the linear probe, and training from scratch (its own
+    recipe: no layer decay) on fine-tuning, by margins several times the seed spread of the committed
+    reports (std about 1-2 points)."""
     from mae_search.search.space import load_search_space
     from mae_search.training.evaluate import evaluate_reference
 
     cfg = load_search_space("search_spaces/mask_ratio_tiny.yaml").trial_config({"masking.mask_ratio": 0.75}, seed=0)
+    # Fine-tuning at 12 epochs, not the space's 30, to keep the test short: measured at seed 0, the
+    # encoder fine-tunes to 36.0 % and training from scratch reaches 18.8 % (30 epochs: 44.4 / 34.8 %).
+    cfg = cfg.with_overrides({"eval.finetune.epochs": 12})
     trainer = Trainer(cfg)
     history = trainer.fit()
     trained = history[-1]
