@@ -7,6 +7,7 @@ its scripts ran) for what must be there, and the screenshot for a page that is n
 """
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,7 +53,11 @@ def test_html_report_renders_its_tables_and_plots(chromium, tmp_path):
     shot = tmp_path / "report.png"
     dom = render(chromium, REPORT.as_uri(), shot, size="1280,2400")
     assert "<h1>Report: improvements-tiny</h1>" in dom and "<h2>Ablation</h2>" in dom
-    assert "random-init encoder (reference)" in dom and "<tr class=\"best\">" in dom
+    assert "random-init encoder (reference)" in dom
+    # The best row's label and metric cells are bold, its time cells are not.
+    best = re.findall(r'<td class="best">([^<]*)</td>', dom)
+    assert best[0] == "improved" and len(best) == 8 and "42.1 ± 3.5" in best
+    assert re.search(r'<td class="best">[^<]*</td>\s*<td>\d+\.\d ± \d+\.\d</td>', dom)  # pretrain time, plain
     assert dom.count("data:image/png;base64,") == 4  # factor, Pareto, curves, reconstructions
     assert not_blank(shot) > 0.02
 
