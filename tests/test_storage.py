@@ -9,6 +9,7 @@ import sys
 import time
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from mae_search.search.results import read_results
@@ -189,6 +190,8 @@ def wait_for(table: str, ready, proc: subprocess.Popen, timeout_s: float = 300) 
         try:
             df = read_results(table)
         except FileNotFoundError:
+            df = None
+        except pa.ArrowInvalid:  # this poll raced the search's rewrite of the table on moto's server: poll again
             df = None
         if df is not None and ready(df):
             return df
