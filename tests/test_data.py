@@ -167,13 +167,13 @@ def test_validation_split_is_carved_from_the_labelled_images_per_seed():
 
 def test_prepared_validation_takes_whole_train_shards():
     from mae_search.data.shards import Manifest
-    from mae_search.data.stream import VAL_SPLIT, carve_validation
+    from mae_search.data.stream import VAL_SPLIT, validation_shards
     from mae_search.storage import Location
 
     shards = [{"file": f"train-{i}.parquet", "images": n} for i, n in enumerate((100, 100, 60))]
     manifest = Manifest(Location.of("/data/prepared"), 32, ("a", "b"), {"train": shards, "val": []})
-    carved = carve_validation(manifest, 150)
+    carved = validation_shards(manifest, 150)
     assert carved.splits[VAL_SPLIT] == shards[:2] and carved.splits["train"] == shards[2:]
-    assert carve_validation(manifest, 80).splits["train"] == shards[1:]
+    assert validation_shards(manifest, 80).splits["train"] == shards[1:]
     with pytest.raises(DataError, match="the validation split \\(260 images\\) needs whole shards"):
-        carve_validation(manifest, 260)
+        validation_shards(manifest, 260)

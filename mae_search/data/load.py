@@ -32,13 +32,13 @@ def load_data(cfg: DataConfig, model: ModelConfig, seed: int = 0) -> DataSplits:
             t = splits.train
             splits.train = ImageSet(t.images[: cfg.num_labelled], t.labels[: cfg.num_labelled], t.classes)
     if splits.val is None:  # in memory: a random subset drawn from the seed
-        splits.train, splits.val = carve_validation(splits.train, cfg.val_count(len(splits.train)), seed)
+        splits.train, splits.val = draw_validation(splits.train, cfg.val_count(len(splits.train)), seed)
     if cfg.final_eval == "subset":
         splits.full_train = splits.full_test = None
     return splits
 
 
-def carve_validation(labelled: ImageSet, count: int, seed: int) -> tuple[ImageSet, ImageSet]:
+def draw_validation(labelled: ImageSet, count: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """(the labelled images left to train the probe, k-NN and fine-tuning on, ``count`` validation images),
     drawn without overlap by a permutation from ``seed``: each seed its own split, the same on a rerun."""
     order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(VAL_SEED + seed))

@@ -254,7 +254,7 @@ def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, s
     pretrain = PreparedSet(manifest, pretrain_split(manifest), decode_workers, shuffle_shards)
     val = None
     if val_count is not None:
-        manifest = carve_validation(manifest, val_count(manifest.images("train")))
+        manifest = validation_shards(manifest, val_count(manifest.images("train")))
         val = load_labelled(manifest, VAL_SPLIT, manifest.images(VAL_SPLIT))
 
     def streamed(split: str) -> PreparedSet:
@@ -267,7 +267,7 @@ def load_prepared(path: str, size: int, eval_images: int, decode_workers: int, s
 VAL_SPLIT = "validation (carved from train)"
 
 
-def carve_validation(manifest: Manifest, count: int) -> Manifest:
+def validation_shards(manifest: Manifest, count: int) -> Manifest:
     """The manifest with the train split's first whole shards holding at least ``count`` images moved to
     a validation split. Whole shards, so every reader of the train split (the streamed last-epoch
     evaluation and fine-tuning included) leaves them out without knowing about them; the same shards
