@@ -226,6 +226,16 @@ class DataSplits:
             test = self.full_test if self.full_test is not None else test
         return train, test
 
+    def scored(self, final: bool, test_every_eval: bool = False) -> tuple[Labelled, dict[str, Labelled]]:
+        """(labelled training images, the splits an evaluation scores by name): the validation split every
+        time, what a search selects on; the test split at the last epoch only (or every time when asked),
+        so no searcher or scheduler sees it. Trials and reference rows both call this."""
+        train, test = self.labelled(final)
+        targets: dict[str, Labelled] = {"val": self.val} if self.val is not None else {}
+        if final or not targets or test_every_eval:
+            targets["test"] = test
+        return train, targets
+
 
 def load_labelled(manifest: Manifest, split: str, limit: int) -> ImageSet:
     """The first ``limit`` images of a labelled split, decoded into memory (the same for every trial)."""

@@ -105,15 +105,22 @@ def print_references(console: Console, df: pd.DataFrame) -> None:
         shown = [f"{name} {rows[k].mean() * 100:.1f} %" for k, name in short.items()
                  if k in rows and rows[k].notna().any()]
         seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
-        line = f"reference {kind.replace('_', '-')} ({seeds}): " + ", ".join(s.replace(" ", "\xa0") for s in shown)
-        console.print(textwrap.fill(line, console.width, subsequent_indent="  ", break_long_words=False,
-                                    break_on_hyphens=False).replace("\xa0", " "), highlight=False, soft_wrap=True)
+        line = f"reference {kind.replace('_', '-')} ({seeds}): " + ", ".join(shown)
+        console.print(_wrap(line, console.width, glued=shown, indent="  "), highlight=False, soft_wrap=True)
+
+
+def _wrap(text: str, width: int, glued: list[str], indent: str = "") -> str:
+    """``text`` wrapped between words at ``width``, never inside one of the ``glued`` phrases (a number
+    with its unit or interval reads wrong split over two lines)."""
+    for phrase in glued:
+        text = text.replace(phrase, phrase.replace(" ", "\xa0"))
+    return "\n".join(textwrap.wrap(text, width, subsequent_indent=indent, break_long_words=False,
+                                   break_on_hyphens=False)).replace("\xa0", " ")
 
 
 def print_verdict(console: Console, text: str) -> None:
     """The verdict paragraph (Markdown **bold** as the report writes it), wrapped between words but never
     inside a number with its interval (``+12.0 ± 1.0 (n=5)`` stays on one line)."""
-    glued = text.replace(" ± ", "\xa0±\xa0").replace(" (n=", "\xa0(n=")
-    lines = textwrap.wrap(glued, console.width, break_long_words=False, break_on_hyphens=False)
-    shown = "\n".join(lines).replace("\xa0", " ")
+    margins = re.findall(r"[+-]\d+\.?\d* ± \d+\.?\d* \(n=\d+\)|[+-]\d+\.?\d* \(n=\d+\)", text)
+    shown = _wrap(text, console.width, glued=margins)
     console.print(re.sub(r"\*\*(.+?)\*\*", r"[bold]\1[/bold]", escape(shown)), soft_wrap=True, highlight=False)

@@ -195,6 +195,5 @@ def reference_task(cfg_json: dict[str, Any], kind: str, threads: float) -> dict[
     torch.set_num_threads(max(1, int(threads)))
     cfg = TrainConfig.model_validate(cfg_json)
     data = load_data(cfg.data, cfg.model, seed=cfg.seed)
-    train, test = data.labelled(final=True)  # what a trial's last epoch is evaluated on
-    targets = {"val": data.val, "test": test} if data.val is not None else {"test": test}
+    train, targets = data.scored(final=True)  # what a trial's last epoch is evaluated on
     return evaluate_reference(kind, cfg.model, train, targets, cfg.eval, resolve_device(cfg.device), cfg.seed)

@@ -149,15 +149,6 @@ def probe_accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (head(x).argmax(1) == y).float().mean().item()
 
 
-def linear_probe_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    epochs: int = 50, seed: int = 0, lr: float = 0.1,
-) -> float:
-    """Top-1 on ``test`` of a probe fitted on ``train`` (:func:`fit_linear_probe`)."""
-    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
-    return probe_accuracy(fit_linear_probe(train_x, train_y, num_classes, epochs, seed, lr), test_x, test_y)
-
-
 def knn_accuracy(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
     k: int = 20, temperature: float = 0.07, test_chunk: int = 512, train_chunk: int = 16_384,

@@ -20,7 +20,6 @@ from torch import nn
 from mae_search.config import TrainConfig
 from mae_search.data.load import DataSplits, load_data
 from mae_search.data.memory import crop_flip, normalize
-from mae_search.data.stream import Labelled
 from mae_search.mae.losses import mae_loss
 from mae_search.mae.masking import scheduled_mask_ratio
 from mae_search.mae.model import MaskedAutoencoderViT
@@ -199,7 +198,7 @@ class Trainer:
         reconstruction run on rank 0 only (they are cheap, and rank 0 reports them). The last epoch
         of a prepared set is evaluated on its whole labelled splits (``data.final_eval``)."""
         metrics: dict[str, float] = {}
-        train, targets = self.eval_splits(final)
+        train, targets = self.data.scored(final, self.cfg.eval.test_at == "every_eval")
         if self.rank == 0:
             metrics.update(evaluate(
                 self.model, train, targets, self.cfg.eval,
@@ -212,15 +211,6 @@ class Trainer:
             ))
         self.model.train()
         return metrics
-
-    def eval_splits(self, final: bool) -> tuple[Labelled, dict[str, Labelled]]:
-        """(labelled training images, the splits scored): the validation split at every evaluation, what a
-        search selects on; the test split at the last epoch only, so no searcher or scheduler sees it."""
-        train, test = self.data.labelled(final)
-        targets: dict[str, Labelled] = {"val": self.data.val} if self.data.val is not None else {}
-        if final or not targets or self.cfg.eval.test_at == "every_eval":
-            targets["test"] = test
-        return train, targets
 
     def save_reconstruction(self, path: str | Path) -> Path:
         """Reconstruction grid of the first test images under a fixed masking seed, at the target ratio."""
