@@ -38,8 +38,9 @@ TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "dec
               "decoder_depth": 1, "decoder_num_heads": 2}
 
 
-def write_folder(root: Path, images: int, seed: int = 0, val: int = 200) -> Path:
-    """A 10-class ImageFolder of JPEGs 64-96 px (smooth colour fields with noise, about 4 KB each)."""
+def write_folder(root: Path, images: int, seed: int = 0, val: int = 200, size: tuple[int, int] = (64, 96)) -> Path:
+    """A 10-class ImageFolder of JPEGs ``size`` px high and wide (by default 64-96 px: smooth colour fields
+    with noise, about 4 KB each)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -47,7 +48,7 @@ def write_folder(root: Path, images: int, seed: int = 0, val: int = 200) -> Path
         for i in range(n):
             folder = root / split / f"class{i % 10}"
             folder.mkdir(parents=True, exist_ok=True)
-            h, w = rng.integers(64, 97, size=2)
+            h, w = rng.integers(size[0], size[1] + 1, size=2)
             base = rng.integers(0, 256, 3)
             pixels = base + np.linspace(0, 60, w)[None, :, None] + rng.normal(0, 12, (h, w, 3))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)

@@ -82,3 +82,30 @@ def test_prepared_data_benchmark_measures_both_input_paths(tmp_path):
     assert trial["rss_mb"] > 100 and trial["eval_train_images"] == 128 - 50
     # The sampler saw the decode workers: their unique pages, and the tree's PSS beyond zero.
     assert trial["worker_uss_mb"] > 1 and trial["pss_mb"] > 100
+
+
+def test_gpu_search_check_shares_one_gpu_between_two_trials_then_gives_one_all_of_it():
+    """The GPU session's search spaces are valid, and the cluster plan runs the half-GPU trials two at a
+    time on one GPU, the whole-GPU trial alone."""
+    from benchmarks.gpu_checks import search_space
+    from mae_search.search.cluster import plan_concurrency
+    from mae_search.search.space import SearchSpace
+
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    shared = SearchSpace.model_validate(search_space("gpu-shared", [0.6, 0.75], 0.5, concurrent=2, cpus=4))
+    whole = SearchSpace.model_validate(search_space("gpu-whole", [0.75], 1.0, concurrent=2, cpus=4))
+    assert plan_concurrency(shared, one_gpu).concurrency == 2
+    assert plan_concurrency(whole, one_gpu).concurrency == 1
+
+
+def test_stream_check_compares_each_worker_count_with_the_step(tmp_path):
+    """The streamed-feed table (exercised on CPU with the tiny model): a row per decode-worker count, and
+    'input-bound' exactly where the loader delivers fewer images/s than the step consumes."""
+    from benchmarks.gpu_checks import stream_check
+
+    text = stream_check(torch.device("cpu"), "tiny", images=320, batch=32, workers=[0, 1])
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ") and "decode" not in line]
+    assert [int(r[0]) for r in rows] == [0, 1]
+    for _, delivered, ratio, bound in rows:
+        assert float(delivered) > 0
+        assert bound.strip() == ("yes" if float(ratio) < 1 else "no")
