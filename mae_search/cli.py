@@ -12,7 +12,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -148,14 +148,26 @@ def search(
     if done.failed:
         console.print(f"[red]{done.failed} trial(s) failed[/]: their errors are in the table's error column")
     if done.unfinished > 0:
-        sets = "".join(f" --set {shlex.quote(a)}" for a in set_ or [])
-        console.print(
-            f"[yellow]search interrupted[/]: {done.unfinished} trials unfinished; continue with "
-            f"mae-search search {space_file} --storage {storage}{sets} --resume"
-        )
+        console.print(f"[yellow]search interrupted[/]: {done.unfinished} trials unfinished; continue with")
+        again = _resume_command(space_file, storage, set_, address=address, num_cpus=num_cpus,
+                                tracking_uri=tracking_uri, mlflow=mlflow)
+        console.print(again, soft_wrap=True, highlight=False, markup=False)  # one line, to copy whole
         raise typer.Exit(130)  # as a shell reports an interrupted command
     if done.failed:
         raise typer.Exit(1)  # 0 only when every trial completed or was stopped by the scheduler
+
+
+def _resume_command(space_file: Path, storage: str, set_: list[str] | None, **flags: Any) -> str:
+    """The command that continues this search: every flag it was given, quoted for a shell, plus --resume."""
+    words = ["mae-search", "search", str(space_file), "--storage", storage]
+    for assignment in set_ or []:
+        words += ["--set", assignment]
+    for name in ("address", "num_cpus", "tracking_uri"):
+        if flags[name] is not None:
+            words += [f"--{name.replace('_', '-')}", str(flags[name])]
+    if not flags["mlflow"]:
+        words.append("--no-mlflow")
+    return shlex.join([*words, "--resume"])
 
 
 @app.command("list")
@@ -215,7 +227,9 @@ def list_searches(
                           running, "-" if r["best"] is None else str(r["best"]), r["best_trial"] or "-")
         (Console(width=10_000) if wide else console).print(table)
     for line in unreadable:
-        console.print(f"[yellow]skipped[/] {line}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[yellow]unreadable[/] {line}", highlight=False, soft_wrap=True)
+    if unreadable:
+        raise typer.Exit(1)  # a script reading the list must not take a damaged search for an absent one
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mae_search.parsing import (
     ConfigError,
+    Epochs,
     StrictModel,
     describe_validation_error,
     read_text,
@@ -178,7 +179,7 @@ class FinetuneConfig(_Strict):
     """
 
     at: When = "end"
-    epochs: int = Field(15, ge=1)
+    epochs: Epochs = Field(15)
     batch_size: int = Field(64, ge=2, description="per worker")
     blr: float = Field(2e-3, gt=0.0, description="lr = blr * effective_batch / 256")
     layer_decay: float = Field(0.75, gt=0.0, le=1.0)
@@ -198,14 +199,14 @@ class PartialFinetuneConfig(FinetuneConfig):
 
     at: When = "never"
     blocks: int = Field(1, ge=0)
-    epochs: int = Field(10, ge=1)
+    epochs: Epochs = Field(10)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ProbeConfig(_Strict):
     """Linear probe as the paper: frozen CLS token, BatchNorm without affine (eps 1e-6), linear head."""
 
-    epochs: int = Field(100, ge=1, description="over the labelled split; small splits need more than ImageNet's 90")
+    epochs: Epochs = Field(100, description="over the labelled split; small splits need more than ImageNet's 90")
     pool: Literal["cls", "mean"] = "cls"
     lr: float = Field(0.1, gt=0.0, description="SGD (momentum 0.9), cosine schedule, batch 256")
 
@@ -266,7 +267,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
-    epochs: int = Field(10, ge=1)
+    epochs: Epochs = Field(10)
     batch_size: int = Field(128, ge=1, description="per worker")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

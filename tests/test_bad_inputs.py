@@ -1,5 +1,5 @@
 """The bad-input corpus: every file and command line in tests/bad_inputs must be refused with one line
-naming the file (and the key, where there is one), no traceback, before Ray starts, writing nothing
+(and nothing else printed) naming the file (and the key, where there is one), no traceback, before Ray starts, writing nothing
 outside the storage directory.
 
 A space file's first line says what its error must contain: ``# expect: <text>``. ``commands.txt``
@@ -65,6 +65,7 @@ def test_bad_command_is_one_line_before_ray_starts(line, tmp_path, monkeypatch):
     errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
     assert result.exit_code == 2, output
     assert len(errors) == 1 and want in errors[0], output
+    assert [ln for ln in output.splitlines() if ln.strip()] == errors, "lines besides the error:\n" + output
     assert "Traceback" not in output
     assert not ray.is_initialized()
     outside = {p for p in _files(tmp_path) if not p.is_relative_to(tmp_path / "results")}

@@ -69,3 +69,45 @@ def test_list_counts_and_formats(tmp_path):
     wide = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results"), "--wide"]).output
     assert "│ quiet " in wide and "not yet reported" in wide
     assert CliRunner().invoke(app, ["list", "--storage", str(tmp_path), "--format", "xml"]).exit_code == 2
+
+
+def test_list_shows_the_readable_searches_and_fails_on_an_unreadable_one(tmp_path):
+    """A damaged results table is named on stderr and the exit is non-zero, after the other searches."""
+    from typer.testing import CliRunner
+
+    from mae_search.cli import app
+    from tests.test_report import record
+
+    record(tmp_path, with_mlflow=False)
+    damaged = tmp_path / "results" / "damaged"
+    damaged.mkdir()
+    (damaged / "search_space.json").write_text(
+        (tmp_path / "results" / "fixture-ablation" / "search_space.json").read_text().replace(
+            '"fixture-ablation"', '"damaged"'))
+    (damaged / "results.parquet").write_bytes(b"PAR1 torn")
+    out = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "results"), "--format", "json"])
+    assert out.exit_code == 1
+    assert [r["search"] for r in json.loads(out.stdout)] == ["fixture-ablation"]
+    assert f"unreadable {damaged}: cannot be read" in out.stderr
+
+
+def test_resume_hint_repeats_every_flag_on_one_line():
+    """The printed resume command runs the same search: --no-mlflow, the tracking store, the CPUs and each
+    --set (quoted for a shell) kept; one line at any terminal width."""
+    import io
+    import shlex
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from mae_search.cli import _resume_command
+
+    command = _resume_command(Path("search_spaces/my space.yaml"), "s3://bucket/results", ["data.path=/d d"],
+                              address=None, num_cpus=2, tracking_uri="http://127.0.0.1:5000", mlflow=False)
+    assert shlex.split(command) == [
+        "mae-search", "search", "search_spaces/my space.yaml", "--storage", "s3://bucket/results",
+        "--set", "data.path=/d d", "--num-cpus", "2", "--tracking-uri", "http://127.0.0.1:5000", "--no-mlflow",
+        "--resume"]
+    narrow = io.StringIO()
+    Console(file=narrow, width=40).print(command, soft_wrap=True, highlight=False, markup=False)
+    assert narrow.getvalue() == command + "\n"

@@ -220,9 +220,14 @@ def test_yaml_problems_are_one_line_with_their_position(tmp_path):
     with pytest.raises(ConfigError, match=r"could not determine a constructor for the tag .*python/object/apply"):
         load_search_space(write(tmp_path, "name: !!python/object/apply:os.system [id]\n"))
     path = tmp_path / "latin1.yaml"
-    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 9\)"):
+    path.write_bytes("name: t\ndescription: café crème\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text at line 2, column 17 \(byte 0xe9\)"):
         load_search_space(path)
+    path.write_bytes("name: t\ndescription: café crème\n".encode().replace(b"cr\xc3\xa8me", b"cr\xe8me"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text at line 2, column 21 \(byte 0xe8\)"):
+        load_search_space(path)  # columns count characters: the é before it is one
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 7 \(character #x0000 is not allowed"):
+        load_search_space(write(tmp_path, "name: t\nseeds:\x00 [1]\n"))
 
 
 def test_bad_set_values_are_one_line_errors_before_ray(tmp_path):
@@ -252,3 +257,14 @@ def test_selection_reads_the_validation_split_unless_the_file_says_test(tmp_path
     assert load_search_space(write(tmp_path, VALID)).base.eval.test_at == "end"
     with pytest.raises(ConfigError, match=r"select_on: test, but objective 'val_linear_probe_acc'"):
         load_search_space(write(tmp_path, VALID + "select_on: test\n"))
+
+
+def test_a_space_without_dimensions_says_it_runs_the_base_configuration(tmp_path):
+    from mae_search.search.run import plan_sentence
+
+    bare = load_search_space(write(tmp_path, "name: t\nbase: {epochs: 3}\ndimensions: {}\nseeds: [0, 1, 2]\n"
+                                              "metric: val_linear_probe_acc\nmode: max\n"))
+    assert plan_sentence(bare) == ("3 trials (grid, scheduler asha) of the base configuration "
+                                   "(the space has no dimensions)")
+    one = load_search_space(write(tmp_path, VALID.replace("[0.5, 0.75]", "[0.5]")))
+    assert plan_sentence(one) == "1 trial (grid, scheduler asha)"

@@ -93,18 +93,18 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
         search_dir.mlflow_db.parent.mkdir(parents=True, exist_ok=True)  # where the embedded store lives
     if uri:
         check_tracking(uri)
+    check_search_dir(space, search_dir, resume)
+    if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
+        plan_concurrency(space, local_resources(num_cpus))
+    # Every check passed: a refused search prints its one error line and nothing before it.
+    if uri:
         console.print(f"MLflow: {uri} (experiment '{space.experiment or space.name}')")
     configure_tracking(uri)  # also what a resumed search's restored callback logs to
     max_epochs = space.scheduler.max_epochs or space.base.epochs
     callbacks = [ResultsTableCallback(search_dir, max_epochs, space),
                  MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs),
                  SearchProgress(space, max_epochs, console)]
-    console.print(f"search [bold]{space.name}[/]: {space.total_trials()} trials "
-                  f"({'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}), "
-                  f"results in {search_dir}")
-    check_search_dir(space, search_dir, resume)
-    if address is None:  # a local instance's size is known now: refuse a trial it cannot hold
-        plan_concurrency(space, local_resources(num_cpus))
+    console.print(f"search [bold]{space.name}[/]: {plan_sentence(space)}, results in {search_dir}")
     ray_log = log_ray_to(search_dir.driver_log)
     console.print(init_ray(address, num_cpus))
     console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
@@ -115,6 +115,16 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
     finally:
         stop_progress()
     return outcome(space, search_dir, wall_s)
+
+
+def plan_sentence(space: SearchSpace) -> str:
+    """What the search will run, in words: a space without dimensions runs its base configuration."""
+    trials = space.total_trials()
+    how = f"{'grid' if space.is_grid else 'optuna/' + space.sampler}, scheduler {space.scheduler.type}"
+    what = f"{trials} trial{'s' if trials != 1 else ''} ({how})"
+    if not space.dimensions:
+        what += " of the base configuration (the space has no dimensions)"
+    return what
 
 
 def outcome(space: SearchSpace, search_dir: SearchDir, wall_s: float) -> SearchOutcome:

@@ -21,7 +21,7 @@ import builtins
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -35,6 +35,9 @@ from mae_search.config import (
     read_yaml,
 )
 from mae_search.metrics import BY_NAME, NAMES, SELECTABLE, VAL_PREFIX, test_name, val_name
+from mae_search.parsing import Epochs, at_most
+
+MAX_SAMPLES = 100_000
 
 
 class Dimension(StrictModel):
@@ -103,7 +106,7 @@ class SchedulerSpec(StrictModel):
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_epochs: int | None = Field(None, ge=1)
+    max_epochs: Epochs | None = None
 
 
 class Resources(StrictModel):
@@ -140,7 +143,8 @@ class SearchSpace(StrictModel):
     select_on: Literal["val", "test"] = Field(
         "val", description="the split objectives are measured on: val (carved from the labelled training images) "
         "or test, which makes every reported best optimistic and the report says so")
-    num_samples: int = Field(1, ge=1, description="Optuna: trials; grid: repetitions of the whole grid")
+    num_samples: Annotated[int, at_most(MAX_SAMPLES, "trials", "a search that runs for years is a typo")] = Field(
+        1, ge=1, description="Optuna: trials; grid: repetitions of the whole grid")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     seeds_per_trial: int = Field(
         1, ge=1, le=64, description="train every configuration on this many seeds and optimise their mean")
