@@ -127,8 +127,12 @@ def search(
     from mae_search.search.record import PARAM_PREFIX
     from mae_search.search.results import final_rows, read_results
     from mae_search.search.run import run_search
+    from mae_search.search.search_dir import SearchDir
     from mae_search.search.space import load_search_space
 
+    again = _resume_command(space_file, storage, set_, address=address, num_cpus=num_cpus,
+                            tracking_uri=tracking_uri, mlflow=mlflow)
+    space = None
     try:
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         done = run_search(space, storage, space_file=space_file, address=address, resume=resume,
@@ -136,6 +140,8 @@ def search(
     except ValueError as exc:
         message = str(exc)
         _fail(f"{space_file}: {message}" if message.startswith("search '") else message)  # name the file too
+    except KeyboardInterrupt:  # Ctrl-C before Tune's own handling (pre-flight, reference rows)
+        _interrupted(SearchDir.of(storage, space.name) if space else None, again)
     if done.trials is None:
         _fail(f"search '{space.name}' ended before any trial reported a result")
     results = done.search_dir.results
@@ -149,12 +155,21 @@ def search(
         console.print(f"[red]{done.failed} trial(s) failed[/]: their errors are in the table's error column")
     if done.unfinished > 0:
         console.print(f"[yellow]search interrupted[/]: {done.unfinished} trials unfinished; continue with")
-        again = _resume_command(space_file, storage, set_, address=address, num_cpus=num_cpus,
-                                tracking_uri=tracking_uri, mlflow=mlflow)
         console.print(again, soft_wrap=True, highlight=False, markup=False)  # one line, to copy whole
         raise typer.Exit(130)  # as a shell reports an interrupted command
     if done.failed:
         raise typer.Exit(1)  # 0 only when every trial completed or was stopped by the scheduler
+
+
+def _interrupted(search_dir: Any, again: str) -> None:
+    """Ctrl-C before any trial ran: say what is recorded and how to go on; exit 130 as a shell would."""
+    if search_dir is not None and search_dir.space_file.is_file():
+        console.print("[yellow]search interrupted[/] before its trials (reference rows already evaluated are "
+                      "kept); continue with")
+        console.print(again, soft_wrap=True, highlight=False, markup=False)
+    else:
+        console.print("[yellow]search interrupted[/] before it started: nothing was recorded")
+    raise typer.Exit(130)
 
 
 def _resume_command(space_file: Path, storage: str, set_: list[str] | None, **flags: Any) -> str:

@@ -1,6 +1,6 @@
 """The bad-input corpus: every file and command line in tests/bad_inputs must be refused with one line
-(and nothing else printed) naming the file (and the key, where there is one), no traceback, before Ray starts, writing nothing
-outside the storage directory.
+(and nothing else printed) naming the file (and the key, where there is one), no traceback, before Ray
+starts, writing nothing outside the storage directory.
 
 A space file's first line says what its error must contain: ``# expect: <text>``. ``commands.txt``
 holds ``<expected text> | <mae-search arguments>``, where ``{corpus}`` is tests/bad_inputs.

@@ -381,3 +381,40 @@ def test_killed_driver_resumes_with_every_epoch_once(tmp_path):
     assert after["epoch"].tolist() == [1, 2, 3, 4, 5, 6], out.stdout[-2000:]
     assert (after["status"] == "completed").all() and after["restored_from_epoch"].max() >= 1
     assert trial_run_steps(storage, "killed") == ([1, 2, 3, 4, 5, 6], "FINISHED")
+
+
+def test_ctrl_c_during_the_reference_rows_stops_and_the_printed_command_resumes(tmp_path):
+    """Ctrl-C while the reference rows are evaluated (before any trial) stops the search with exit 130
+    and a resume command on one line that keeps --no-mlflow; running that command finishes the search,
+    with each reference row recorded once and no MLflow store created."""
+    import shlex
+
+    body = """
+dimensions:
+  masking.mask_ratio: {grid: [0.5, 0.75]}
+metric: val_linear_probe_acc
+mode: max
+scheduler: {type: none}
+"""
+    space = micro_space(tmp_path, "ctrlc", body, epochs=2)
+    storage = tmp_path / "results"
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--no-mlflow")
+    record = storage / "ctrlc" / "search_space.json"
+    deadline = time.time() + 180
+    while not record.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert record.is_file(), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert not (storage / "ctrlc" / "results.parquet").exists(), "the signal came after the reference rows"
+    assert "search interrupted before its trials" in out and "Traceback" not in out, out
+    command = shlex.split(out.strip().splitlines()[-1])
+    assert command[:3] == ["mae-search", "search", str(space)] and command[-2:] == ["--no-mlflow", "--resume"]
+
+    resumed = cli(*command[1:])
+    df = read_results(storage / "ctrlc", with_references=True)
+    finals = df[df["status"] == "completed"].groupby("trial_id")["epoch"].max()
+    assert sorted(finals) == [2, 2], resumed.stdout
+    assert sorted(df.loc[df["status"] == "reference", "reference"]) == ["random_init", "raw_pixels"]
+    assert not (storage / "mlflow.db").exists()

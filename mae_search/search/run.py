@@ -149,13 +149,13 @@ def tune_search(space: SearchSpace, search_dir: str | Path | Location | SearchDi
     init_ray(address, num_cpus)
     plan = plan_concurrency(space, ray.cluster_resources())
     started = time.time()
-    if resume:
+    if resume and search_dir.tune_started:
         note = check_resumable(space, search_dir, plan)
         if note:
             notify(note)
         tuner = tune.Tuner.restore(str(search_dir.root), trainable=trainable_for(space, search_dir, plan),
                                    resume_errored=True)
-    else:
+    else:  # a new search, or one interrupted before its first trial (its reference rows are kept)
         tuner = build_tuner(space, search_dir, callbacks or [], plan)
         search_dir.root.mkdir()
         search_dir.asha_file.unlink()  # rungs of an earlier attempt that never started Tune

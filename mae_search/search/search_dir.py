@@ -82,6 +82,12 @@ class SearchDir:
         """Where the seeds' run directories (their checkpoints) live, whichever runner trains them."""
         return self.root / TRAIN_RUNS_DIR
 
+    @property
+    def tune_started(self) -> bool:
+        """Whether Tune has written its experiment state: a search interrupted before that (in its
+        pre-flight or reference rows) has no trial to restore and is resumed by starting Tune anew."""
+        return bool(self.root.glob("experiment_state-*.json"))
+
     # ----------------------------------------------------------------- files on a local disk
     @property
     def local(self) -> Path:
