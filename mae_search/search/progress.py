@@ -14,13 +14,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from ray.tune import Callback
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from mae_search.metrics import metric
-from mae_search.search.record import TrialRecord
+from mae_search.search.record import Status, TrialRecord
+from mae_search.search.results import by_configuration, final_rows, read_results
+from mae_search.search.search_dir import SearchDir
 from mae_search.search.space import SearchSpace
 
 
@@ -31,6 +34,7 @@ class TrialLine:
     value: float | None = None
     std: float | None = None
     status: str = "running"
+    recorded: bool = False  # finished before this run of the search (a resumed one): not in its pace
 
 
 def fmt_duration(seconds: float) -> str:
@@ -49,10 +53,12 @@ def stop_progress() -> None:
 
 
 class SearchProgress(Callback):
-    def __init__(self, space: SearchSpace, max_epochs: int, console: Console | None = None) -> None:
+    def __init__(self, space: SearchSpace, max_epochs: int, console: Console | None = None,
+                 search_dir: SearchDir | None = None) -> None:
         self.space = space
         self.max_epochs = max_epochs
         self.console = console
+        self.search_dir = search_dir
         self.lines: dict[str, TrialLine] = {}
         self.started = time.monotonic()
         self._live: Live | None = None
@@ -66,6 +72,7 @@ class SearchProgress(Callback):
     def setup(self, **info: Any) -> None:
         self.console = self.console or Console()
         self.started = time.monotonic()
+        self.lines.update(self._recorded())
         if self.console.is_terminal:
             self._live = Live(self.render(), console=self.console, refresh_per_second=2, transient=False)
             self._live.start()
@@ -104,6 +111,27 @@ class SearchProgress(Callback):
             self._live.stop()
             self._live = None
 
+    def _recorded(self) -> dict[str, TrialLine]:
+        """The trials a resumed search finished before (from its results table), so that its count goes
+        on from them: Tune re-runs only the unfinished ones and sends no events for the rest."""
+        search_dir = getattr(self, "search_dir", None)  # a view pickled by an older version has none
+        if search_dir is None or not search_dir.results.is_file():
+            return {}
+        metric_name = self.space.primary.metric
+        lines = {}
+        for _, row in by_configuration(final_rows(read_results(search_dir.results)), metric_name).iterrows():
+            if row["status"] not in (Status.COMPLETED, Status.STOPPED, Status.FAILED):
+                continue
+            record = TrialRecord.from_row(row.to_dict())
+            status = {Status.COMPLETED: "completed", Status.FAILED: "failed"}.get(
+                Status(row["status"]), f"stopped at {int(row['epoch'])}")
+            value, std = (row.get(key) for key in (metric_name, f"{metric_name}_std"))
+            lines[row["tune_trial_id"]] = TrialLine(
+                label=record.label(with_seed=not self.space.seed_averaged), epoch=int(row["epoch"]),
+                value=None if pd.isna(value) else float(value), std=None if pd.isna(std) else float(std),
+                status=status, recorded=True)
+        return lines
+
     # ----------------------------------------------------------------- drawing
 
     def _ended(self, line: TrialLine) -> None:
@@ -122,7 +150,7 @@ class SearchProgress(Callback):
 
     def eta_s(self) -> float | None:
         """Seconds left if every unfinished trial runs all its epochs at the pace so far (ASHA makes it less)."""
-        epochs_done = sum(line.epoch for line in self.lines.values())
+        epochs_done = sum(line.epoch for line in self.lines.values() if not line.recorded)
         if not epochs_done:
             return None
         running = sum(self.max_epochs - line.epoch for line in self.lines.values() if line.status == "running")

@@ -103,7 +103,7 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
     max_epochs = space.scheduler.max_epochs or space.base.epochs
     callbacks = [ResultsTableCallback(search_dir, max_epochs, space),
                  MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs),
-                 SearchProgress(space, max_epochs, console)]
+                 SearchProgress(space, max_epochs, console, search_dir)]
     console.print(f"search [bold]{space.name}[/]: {plan_sentence(space)}, results in {search_dir}")
     ray_log = log_ray_to(search_dir.driver_log)
     console.print(init_ray(address, num_cpus))
