@@ -31,6 +31,7 @@ from mae_search.report.render import (
     render_latex,
     render_markdown,
 )
+from mae_search.report.rungs import rung_fidelity_table
 from mae_search.report.tables import (
     ablation_tables,
     best_trials_table,
@@ -81,6 +82,7 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     if png is not None and not front.empty:
         report.image("pareto.png", png, "Pareto front: accuracy vs pretraining time")
     stopped_table(table, space, report)
+    rung_fidelity_table(space, table, report)
     curves = plot_curves(space, table)
     if curves:
         report.heading("Learning curves")
