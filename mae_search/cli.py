@@ -29,6 +29,9 @@ def _root() -> None:
     """Ablations and hyperparameter searches of Masked Autoencoders on Ray, tracked in MLflow."""
 
 
+TRACKING_LOST_EXIT = 3  # every trial ended well but MLflow missed part of the search (`mae-search track` mends it)
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -129,6 +132,7 @@ def search(
     from mae_search.search.run import run_search
     from mae_search.search.search_dir import SearchDir
     from mae_search.search.space import load_search_space
+    from mae_search.search.track import lost_tracking
 
     again = _resume_command(space_file, storage, set_, address=address, num_cpus=num_cpus,
                             tracking_uri=tracking_uri, mlflow=mlflow)
@@ -153,12 +157,20 @@ def search(
     console.print(f"{len(done.trials)} trials{seeds} in {done.wall_s:.0f}s; table: {results}")
     if done.failed:
         console.print(f"[red]{done.failed} trial(s) failed[/]: their errors are in the table's error column")
+    lost = lost_tracking(done.search_dir)
+    if lost:
+        console.print(f"[yellow]MLflow tracking was lost mid-search[/] ({lost}); the results table is complete. "
+                      f"Bring MLflow up to date with: mae-search track {done.search_dir}"
+                      + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""),
+                      highlight=False, soft_wrap=True)
     if done.unfinished > 0:
         console.print(f"[yellow]search interrupted[/]: {done.unfinished} trials unfinished; continue with")
         console.print(again, soft_wrap=True, highlight=False, markup=False)  # one line, to copy whole
         raise typer.Exit(130)  # as a shell reports an interrupted command
     if done.failed:
         raise typer.Exit(1)  # 0 only when every trial completed or was stopped by the scheduler
+    if lost:
+        raise typer.Exit(TRACKING_LOST_EXIT)
 
 
 def _interrupted(search_dir: Any, again: str) -> None:
@@ -289,6 +301,36 @@ def report(
         write_report(records, tmp, command)
         Location.of(target).upload_dir(Path(tmp))
     console.print(f"report: {target}/README.md (+ report.html, tables/*.csv, plots)", highlight=False)
+
+
+@app.command()
+def track(
+    search_dir: Annotated[str, typer.Argument(help="a search's directory: STORAGE/<search> (local or s3://)")],
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow server or store; default MLFLOW_TRACKING_URI, else the embedded store of the storage")] = None,
+) -> None:
+    """Log a search to MLflow from its results table (after --no-mlflow, or a tracking server that went away
+    mid-search); idempotent: existing runs are completed, nothing is logged twice."""
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from mae_search.search.search_dir import SearchDir
+    from mae_search.search.track import catch_up
+    from mae_search.search.tracking import check_tracking, configure_tracking, resolve_tracking_uri
+
+    where = SearchDir.at(search_dir)
+    try:
+        if not where.space_file.is_file():
+            raise ValueError(f"{search_dir}: not a search directory (no {where.space_file.name})")
+        uri = resolve_tracking_uri(tracking_uri, where.storage)
+        check_tracking(uri)
+        configure_tracking(uri)  # bounded HTTP retries
+        caught = catch_up(where, uri)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc).splitlines()[0])
+    killed = f"; {caught.interrupted} unfinished trial run(s) ended KILLED" if caught.interrupted else ""
+    console.print(f"MLflow {uri}: search run {caught.parent_run_id} with {caught.runs} child runs, up to date "
+                  f"with {where.results}{killed}", highlight=False, soft_wrap=True)
 
 
 @app.command()

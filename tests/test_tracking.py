@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -18,7 +19,7 @@ from mae_search.search.results import read_results
 from mae_search.search.results_callback import ResultsTableCallback
 from mae_search.search.space import load_search_space
 from mae_search.search.tracking import TrackingError, check_tracking
-from tests.conftest import ASHA_BLR_BODY, cli, micro_space
+from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, micro_space
 
 
 def free_port() -> int:
@@ -37,14 +38,13 @@ def mlflow_server_stop(uri: str) -> None:
     proc.wait(timeout=20)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback with its stores in a temp dir; stopped afterwards."""
-    port = free_port()
+def mlflow_server_start(root, port: int) -> str:
+    """A real `mlflow server` on loopback, its stores under ``root`` (started again on the same port and
+    stores, it is the same server back after an outage)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server-artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its workers in one group
     )
     uri = f"http://127.0.0.1:{port}"
@@ -53,17 +53,24 @@ def mlflow_server(tmp_path):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(uri + "/health", timeout=1)
-            break
+            return uri
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError("mlflow server exited") from None
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not come up")
+    proc.kill()
+    raise RuntimeError("mlflow server did not come up")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback with its stores in a temp dir; stopped afterwards."""
+    uri = mlflow_server_start(tmp_path, free_port())
+    proc = SERVERS[uri]
     yield uri
-    if SERVERS.pop(uri, None) is None:
-        return  # the test stopped it
+    proc = SERVERS.pop(uri, proc)  # a test may have stopped it and started it again
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -276,3 +283,94 @@ def test_ui_prints_its_url_once_the_server_answers(tmp_path):
         raise AssertionError("the MLflow server outlived `mae-search ui`")
     missing = cli("ui", "--storage", str(tmp_path / "elsewhere"), check=False)
     assert missing.returncode == 2 and "pass --storage DIR" in missing.stdout
+
+
+def _mlflow_view(client: MlflowClient, experiment: str) -> dict:
+    """What a researcher sees in MLflow: per child run (by trial id) its status, status tag and, per metric,
+    the steps logged (every one, duplicates included)."""
+    from mae_search.metrics import mlflow_key
+
+    _, children = runs_of(client, experiment)
+    view = {}
+    for run in children:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, mlflow_key("mse")))
+        view[run.data.tags["mae_search.trial_id"]] = (run.info.status, run.data.tags.get("mae_search.status"),
+                                                      steps)
+    return view
+
+
+def test_track_logs_an_untracked_search_once_and_ends_interrupted_runs(tmp_path):
+    """`catch_up` mirrors a --no-mlflow search's table into MLflow: a run per trial and reference row, each
+    epoch once, ASHA's stop tagged; run again it changes nothing; a trial the table shows unfinished
+    (the search was killed) ends KILLED, not RUNNING."""
+    from mae_search.search.search_dir import SearchDir
+    from mae_search.search.track import catch_up
+    from tests.test_report import record
+
+    path, _ = record(tmp_path, with_mlflow=False)
+    search_dir = SearchDir.at(path)
+    table = read_results(search_dir.results, with_references=True)
+    killed = (table["trial_id"] == "t0") & (table["epoch"] == 3)
+    table = table[~killed]  # t0 (0.5, seed 0) was mid-way, at epoch 2, when its search was killed
+    table.loc[table["trial_id"] == "t0", "status"] = "running"
+    table.to_parquet(search_dir.results.path, index=False)
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+
+    first = catch_up(search_dir, uri)
+    client = MlflowClient(uri)
+    view = _mlflow_view(client, "fixture-ablation")
+    assert first.runs == 10 and first.interrupted == 1  # 6 trials + 2 seeds x 2 reference rows
+    assert view["t0"] == ("KILLED", "running", [1, 2])
+    assert view["t5"] == ("FINISHED", "stopped_early", [1])  # 0.9 / seed 1, stopped by ASHA
+    assert all(view[f"t{i}"] == ("FINISHED", "completed", [1, 2, 3]) for i in (1, 2, 3, 4))
+    assert {k for k in view if k.startswith("reference")} == {
+        f"reference-{kind}-seed{seed}" for kind in ("random_init", "raw_pixels") for seed in (0, 1)}
+    [parent], _ = runs_of(client, "fixture-ablation")
+    assert parent.info.status == "KILLED"  # a trial never finished: the search did not end
+
+    again = catch_up(search_dir, uri)
+    assert again.parent_run_id == first.parent_run_id and _mlflow_view(client, "fixture-ablation") == view
+
+
+@pytest.mark.slow
+def test_server_outage_mid_search_is_caught_up_by_track(tmp_path, mlflow_server):
+    """A real MLflow server killed mid-search: the search finishes its trials, names the catch-up command
+    in one line and exits 3; with the server back, that command makes MLflow hold every trial and reference
+    row once, FINISHED, with every epoch the table holds logged exactly once; run again, nothing changes."""
+    import shlex
+
+    body = "dimensions:\n  masking.mask_ratio: {grid: [0.5, 0.6, 0.75, 0.9]}\nmetric: val_linear_probe_acc\n" \
+           "mode: max\nscheduler: {type: none}\nmax_concurrent_trials: 1\n"
+    space = micro_space(tmp_path, "outage", body, epochs=3)
+    storage = tmp_path / "results"
+    proc = cli_popen("search", str(space), "--storage", str(storage), "--num-cpus", "2",
+                     "--tracking-uri", mlflow_server)
+    table = storage / "outage" / "results.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # the first trial's first epoch is tracked
+        if table.is_file() and (read_results(table)["epoch"] >= 1).any():
+            break
+        time.sleep(0.2)
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    mlflow_server_stop(mlflow_server)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 3, out
+    [hint] = [line for line in out.splitlines() if "MLflow tracking was lost mid-search" in line]
+    command = shlex.split(hint.split("Bring MLflow up to date with: ", 1)[1])
+    assert command[:2] == ["mae-search", "track"]
+
+    mlflow_server_start(tmp_path, port)
+    caught = cli(*command[1:])
+    assert "up to date" in caught.stdout
+    recorded = read_results(table, with_references=True)
+    client = MlflowClient(mlflow_server)
+    view = _mlflow_view(client, "outage")
+    trials = recorded[recorded["status"] != "reference"]
+    assert view == {
+        **{t: ("FINISHED", "completed", sorted(rows["epoch"])) for t, rows in trials.groupby("trial_id")},
+        **{r["trial_id"]: ("FINISHED", "reference", [0] if pd.notna(r.get("mse")) else [])
+           for _, r in recorded[recorded["status"] == "reference"].iterrows()}}
+    [parent], _ = runs_of(client, "outage")
+    assert parent.info.status == "FINISHED"
+    cli(*command[1:])
+    assert _mlflow_view(client, "outage") == view

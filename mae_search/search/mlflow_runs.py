@@ -114,7 +114,7 @@ class MLflowSearchCallback(Callback):
                 if not self.disabled:
                     fn(*args)
             except Exception as exc:  # noqa: BLE001 - tracking must not break a search
-                self.disabled = True
+                self._lost(f"{what} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
                 log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this search, "
                             "results are still written to %s", what, type(exc).__name__, exc, self.search_dir)
             finally:
@@ -138,9 +138,19 @@ class MLflowSearchCallback(Callback):
     def client(self):
         return client(self.uri)
 
-    def _save_state(self) -> None:
+    def _save_state(self, lost: str | None = None) -> None:
         state = {"parent_run_id": self.parent_id, "children": self.children, "tracking_uri": self.uri}
+        if lost:
+            state["lost"] = lost  # what `mae-search search` reports at its end, and `mae-search track` mends
         self.search_dir.mlflow_state.write_text(json.dumps(state, indent=2))
+
+    def _lost(self, why: str) -> None:
+        """Stop tracking and record why in the search's MLflow state (the results table is unaffected)."""
+        self.disabled = True
+        try:
+            self._save_state(lost=why)
+        except Exception:  # noqa: BLE001 - the storage failing too is reported by the results table's writer
+            log.exception("could not record the tracking failure in %s", self.search_dir.mlflow_state)
 
     # ----------------------------------------------------------------- parent run
 
@@ -270,8 +280,10 @@ class MLflowSearchCallback(Callback):
 
         run_id = self._child(record)
         epoch = record.epoch
+        if epoch >= self.last_ckpt.get(record.trial_id, (0, None))[0]:  # how the trial ended, logged or not
+            self.last_ckpt[record.trial_id] = (epoch, record.checkpoint or None)
         if run_id not in self.logged:  # a run continued from before a resume: ask MLflow once
-            history = self.client.get_metric_history(run_id, mlflow_key("epoch_time_s"))
+            history = self.client.get_metric_history(run_id, mlflow_key("trial_time_s"))  # logged every epoch
             self.logged[run_id] = {m.step for m in history}
         if epoch in self.logged[run_id]:
             return
@@ -283,8 +295,6 @@ class MLflowSearchCallback(Callback):
         ckpt = record.checkpoint
         if ckpt and epoch in self.grid_epochs and (Location.of(ckpt) / GRID_FILE).is_file():
             self._log_grid(run_id, Location.of(ckpt) / GRID_FILE, epoch)
-        if epoch >= self.last_ckpt.get(record.trial_id, (0, None))[0]:
-            self.last_ckpt[record.trial_id] = (epoch, ckpt or None)
 
     def _log_grid(self, run_id: str, grid: Location, epoch: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -323,7 +333,7 @@ class MLflowSearchCallback(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._safe("search end", self._end_parent, trials)
         if not self.flush():
-            self.disabled = True
+            self._lost(f"the server did not answer within {DRAIN_TIMEOUT_S:.0f} s at the end of the search")
             log.warning("MLflow did not answer within %.0f s at the end of the search; what was not logged yet "
                         "is in %s (a --resume logs the rest)", DRAIN_TIMEOUT_S, self.search_dir)
 
@@ -352,6 +362,9 @@ class MLflowSearchCallback(Callback):
         tags = [_tag(TAG_BEST_TRIAL, trial_id), _tag(TAG_BEST_RUN, run_id)]
         tags += [_tag(f"best.{k.removeprefix('param.')}", str(row[k])) for k in row.index if k.startswith("param.")]
         best = mlflow_key(obj.metric).replace("/", "/best_")  # e.g. eval/best_linear_probe_acc
+        logged = self.client.get_run(self.parent_id).data
+        if logged.tags.get(TAG_BEST_TRIAL) == trial_id and logged.metrics.get(best) == float(row[obj.metric]):
+            return  # a resumed or caught-up search whose best is already logged: nothing twice
         self.client.log_batch(self.parent_id, metrics=[_metric(best, row[obj.metric])], tags=tags)
         log_best_encoder(self.client, self.parent_id, self.children.get(trial_id), row.get("checkpoint_path") or "")
 
