@@ -86,9 +86,16 @@ class MaskingConfig(_Strict):
                                           "joint search samples this, so the start never exceeds the sampled target")
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     ramp_epochs: float = Field(5.0, ge=0.0)
+    strategy: Literal["random", "block", "grid"] = Field(
+        "random", description="mask sampling (paper Table 1f): random patches, random rectangles (BEiT's "
+        "block-wise), or one patch kept of every 2 x 2 (grid: ratio 0.75 only)")
 
     @model_validator(mode="after")
     def _ramps_up(self) -> MaskingConfig:
+        if self.strategy == "grid" and (self.mask_ratio != 0.75 or self.curriculum):
+            raise ValueError(f"strategy grid keeps one patch of every 2 x 2, a fixed ratio of 0.75: mask_ratio "
+                             f"{self.mask_ratio:g}{' with a curriculum' if self.curriculum else ''} cannot be grid "
+                             "sampled (block and random follow any ratio, and a curriculum's ramp)")
         if self.curriculum and self.start > self.mask_ratio:
             raise ValueError(f"start_ratio {self.start_ratio:g} exceeds mask_ratio {self.mask_ratio:g}: a "
                              "curriculum ramps the ratio up to its target (search start_fraction to keep the start "
@@ -282,6 +289,10 @@ class TrainConfig(_Strict):
         if self.data.dataset == "synthetic_shapes" and self.batch_size > self.data.num_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds data.num_train {self.data.num_train}: "
                              "an epoch would have no batch")
+        side = self.model.img_size // self.model.patch_size
+        if self.masking.strategy == "grid" and side % 2:
+            raise ValueError(f"masking.strategy grid needs an even number of patches a side (2 x 2 groups); "
+                             f"model.img_size {self.model.img_size} / patch_size {self.model.patch_size} gives {side}")
         return self
 
     @classmethod

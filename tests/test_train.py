@@ -59,8 +59,8 @@ def test_reconstruction_is_measured_at_the_target_ratio_mid_curriculum(micro_cfg
 
     masked = []
 
-    def spy(model, images, mask_ratio, norm_pix):
-        out = real(model, images, mask_ratio, norm_pix)
+    def spy(model, images, mask_ratio, norm_pix, strategy="random"):
+        out = real(model, images, mask_ratio, norm_pix, strategy)
         masked.append(out["mask_px"].mean().item())
         return out
 
@@ -233,3 +233,23 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, micro
     (older / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt.*; no older intact checkpoint beside it"):
         restore_intact(Trainer(micro_cfg, device=torch.device("cpu")), latest)
+
+
+@pytest.mark.parametrize("strategy", ["block", "grid"])
+def test_a_trial_trains_and_is_measured_with_its_mask_sampling(micro_cfg, monkeypatch, strategy):
+    """masking.strategy reaches the training step and the reconstruction metrics (grid: 1 of 4 kept)."""
+    import mae_search.mae.model as model_module
+
+    used = []
+    real = model_module.mask_patches
+
+    def spy(x, ratio, how="random"):
+        used.append(how)
+        return real(x, ratio, how)
+
+    monkeypatch.setattr(model_module, "mask_patches", spy)
+    cfg = micro_cfg.with_overrides({"masking.strategy": strategy, "masking.mask_ratio": 0.75, "epochs": 1,
+                                    "eval.finetune.at": "never"})
+    [metrics] = Trainer(cfg).fit()
+    assert used and set(used) == {strategy}
+    assert metrics["mse"] > 0 and metrics["test_mse"] > 0 and metrics["psnr"] > 0

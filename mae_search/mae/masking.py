@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mae_search.config import MaskingConfig
@@ -51,9 +52,28 @@ def random_masking(
     Returns the visible tokens (B, keep, D), the binary mask (B, N; 1 = removed)
     and ids_restore (B, N) that puts a [visible; masked] sequence back in order.
     """
+    return mask_patches(x, mask_ratio, "random")
+
+
+def mask_patches(
+    x: torch.Tensor, mask_ratio: float, strategy: str = "random"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask ``N - int(N * (1 - ratio))`` patches of each sample by ``strategy`` (paper Table 1f):
+
+    - ``random``: uniformly, as the paper's default;
+    - ``block``: rectangles of random size and aspect ratio (BEiT's block-wise masking) until the count
+      is reached, so whole regions are removed;
+    - ``grid``: one patch of every 2 x 2 group kept (ratio 0.75 only; the kept corner drawn per sample).
+
+    Every strategy is an order of the patches, visible ones first: the same gather and ``ids_restore``
+    follow (see :func:`random_masking` for the outputs).
+    """
     b, n, d = x.shape
     keep = num_kept(n, mask_ratio)
     noise = torch.rand(b, n, device=x.device)
+    if strategy != "random":  # removed patches sort after every visible one, each group in random order
+        removed = block_mask(b, n, n - keep) if strategy == "block" else grid_mask(b, n)
+        noise = noise + removed.to(x.device, torch.float32)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -62,6 +82,55 @@ def random_masking(
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return visible, mask, ids_restore
+
+
+BLOCK_MIN_PATCHES = 4  # BEiT's smallest block (16 at 14 x 14 patches; 4 suits the 8 x 8 of the tiny models)
+BLOCK_ASPECT = (0.3, 1 / 0.3)
+BLOCK_ATTEMPTS = 10  # rectangles tried before a sample's remaining patches are removed one by one
+
+
+def block_mask(b: int, n: int, count: int) -> torch.Tensor:
+    """(b, n) bool, ``count`` True per row: random rectangles (area from BLOCK_MIN_PATCHES up to what is
+    left, aspect ratio log-uniform in BLOCK_ASPECT) added while they remove new patches without passing
+    ``count``, as BEiT's MaskingGenerator; a sample its rectangles leave short is completed with random
+    patches. The random numbers come from torch's generator, so a seed fixes the masks."""
+    side = math.isqrt(n)
+    rolls = torch.rand(b, 8 * BLOCK_ATTEMPTS, 4).numpy()  # area, aspect, top, left per attempt
+    fill = torch.rand(b, n).numpy()
+    log_lo, log_hi = math.log(BLOCK_ASPECT[0]), math.log(BLOCK_ASPECT[1])
+    out = np.zeros((b, side, side), dtype=bool)
+    for grid, rows, order in zip(out, rolls, fill, strict=True):
+        masked, failures = 0, 0
+        for u_area, u_aspect, u_top, u_left in rows:
+            if masked >= count or failures >= BLOCK_ATTEMPTS:
+                break
+            left = count - masked
+            area = BLOCK_MIN_PATCHES + u_area * max(0, left - BLOCK_MIN_PATCHES)
+            aspect = math.exp(log_lo + u_aspect * (log_hi - log_lo))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            top, lft = int(u_top * (side - h + 1)), int(u_left * (side - w + 1))
+            region = grid[top:top + h, lft:lft + w]
+            new = h * w - int(region.sum())
+            if not (0 < h < side and 0 < w < side and 0 < new <= left):
+                failures += 1
+                continue
+            region[:] = True
+            masked += new
+        if masked < count:  # rectangles left it short: random patches make up the count
+            flat = grid.reshape(-1)
+            free = np.flatnonzero(~flat)
+            flat[free[np.argsort(order[free])[: count - masked]]] = True
+    return torch.from_numpy(out.reshape(b, n))
+
+
+def grid_mask(b: int, n: int) -> torch.Tensor:
+    """(b, n) bool: all but one patch of every 2 x 2 group removed, the kept corner drawn per sample."""
+    side = math.isqrt(n)
+    rows = torch.arange(side).view(side, 1).expand(side, side).reshape(-1)
+    cols = torch.arange(side).view(1, side).expand(side, side).reshape(-1)
+    corner = torch.randint(0, 4, (b, 1))
+    kept = ((rows % 2) == corner // 2) & ((cols % 2) == corner % 2)
+    return ~kept
 
 
 def scheduled_mask_ratio(cfg: MaskingConfig, epoch_progress: float) -> float:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_search.config import ModelConfig
-from mae_search.mae.masking import patchify, random_masking
+from mae_search.mae.masking import mask_patches, patchify
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
@@ -170,9 +170,9 @@ class MaskedAutoencoderViT(nn.Module):
         return x + self.pos_embed[:, 1:, :]
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float
+        self, imgs: torch.Tensor, mask_ratio: float, strategy: str = "random"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, mask, ids_restore = random_masking(self.embed(imgs), mask_ratio)
+        x, mask, ids_restore = mask_patches(self.embed(imgs), mask_ratio, strategy)
         return self.encode(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -198,8 +198,8 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75) -> MAEOutput:
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, strategy: str = "random") -> MAEOutput:
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, strategy)
         pred = self.forward_decoder(latent, ids_restore)
         return MAEOutput(pred=pred, mask=mask, latent=latent)
 

@@ -218,7 +218,8 @@ def encoder_metrics(model: MaskedAutoencoderViT, train: Labelled, targets: dict[
 
 @torch.no_grad()
 def reconstruct(
-    model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, norm_pix: bool
+    model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, norm_pix: bool,
+    strategy: str = "random",
 ) -> dict[str, torch.Tensor]:
     """One masked forward pass on held-out images; the pieces every reconstruction metric needs.
 
@@ -230,7 +231,7 @@ def reconstruct(
     model.eval()
     p, c = model.cfg.patch_size, model.cfg.in_chans
     imgs = normalize(images_u8)
-    out = model(imgs, mask_ratio)
+    out = model(imgs, mask_ratio, strategy)  # the masks the trial trains with
     pred = out.pred.float()
     mse = masked_mse(pred, patch_targets(imgs, p, norm_pix), out.mask)
     true_pred = visible_pred = pred
@@ -321,6 +322,7 @@ def evaluate(
     norm_pix: bool,
     device: torch.device,
     seed: int = 0,
+    strategy: str = "random",
 ) -> dict[str, float]:
     """Probe and k-NN fitted on ``train`` and scored on each target split, reconstruction metrics on the
     first 512 images of each (rank 0 only; fine-tuning is separate).
@@ -335,7 +337,7 @@ def evaluate(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             sample = held_out_images(data)[:512].to(device)
-            metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix), split))
+            metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix, strategy), split))
     return metrics
 
 

@@ -132,7 +132,7 @@ class Trainer:
         terms) so the loop never waits on the device for a Python float.
         """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out = self.train_model(imgs, ratio)
+            out = self.train_model(imgs, ratio, self.cfg.masking.strategy)
             terms = mae_loss(imgs, out.pred, out.mask, out.latent, self.cfg.loss, self.cfg.model.patch_size,
                              measure_unweighted=measure)
         (terms.total / self.cfg.optim.accum_iter).backward()
@@ -203,6 +203,7 @@ class Trainer:
             metrics.update(evaluate(
                 self.model, train, targets, self.cfg.eval,
                 self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
+                strategy=self.cfg.masking.strategy,
             ))  # reconstruction at the target ratio, mid-curriculum too: comparable with a run without one
         if has_labels(train):
             metrics.update(finetune_metrics(
@@ -218,7 +219,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
             images = self.data.test.images[:n].to(self.device)
-            rec = reconstruct(self.model, images, self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss)
+            rec = reconstruct(self.model, images, self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss,
+                              self.cfg.masking.strategy)
         self.model.train()
         return save_reconstruction_grid(rec["original"], rec["recon_true_stats"], rec["mask_px"], path)
 
