@@ -143,6 +143,9 @@ class DataConfig(_Strict):
         "for the last epoch's numbers")
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
+    augment: Literal["none", "crop_fixed", "crop_rand", "crop_color"] = Field(
+        "crop_rand", description="pre-training augmentation (paper Table 1e): none, a fixed-size random crop, "
+        "random resized crop (crop_scale), or that plus colour jitter")
     eval_images: int = Field(10_000, ge=16, description="prepared only: labelled images of each of train and "
                              "val/test decoded into memory for probe, k-NN and fine-tuning (the first ones)")
     final_eval: Literal["full", "subset"] = Field(

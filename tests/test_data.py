@@ -177,3 +177,51 @@ def test_prepared_validation_takes_whole_train_shards():
     assert validation_shards(manifest, 80).splits["train"] == shards[1:]
     with pytest.raises(DataError, match="the validation split \\(260 images\\) needs whole shards"):
         validation_shards(manifest, 260)
+
+
+def _ramp(b: int = 8, size: int = 32) -> torch.Tensor:
+    """uint8 images whose red channel is the x coordinate (0 at the left, 255 at the right)."""
+    x = torch.linspace(0, 255, size).round().to(torch.uint8)
+    imgs = torch.zeros(b, 3, size, size, dtype=torch.uint8)
+    imgs[:, 0] = x.view(1, 1, size)
+    return imgs
+
+
+def test_augmentations_crop_as_the_paper_names_them():
+    """none leaves the view; crop_fixed always spans sqrt(FIXED_CROP_AREA) of the width; crop_rand's span
+    varies with its scale; crop_rand is today's random resized crop exactly."""
+    from mae_search.data.memory import FIXED_CROP_AREA, augment, crop_flip, denormalize, draw_crop_flip, normalize
+
+    imgs = _ramp()
+    uniforms = draw_crop_flip(len(imgs), torch.Generator().manual_seed(0))
+
+    def spans(kind: str) -> torch.Tensor:
+        red = denormalize(augment(imgs, uniforms, kind, (0.2, 1.0), hflip=False))[:, 0, 16]
+        return red.amax(dim=1) - red.amin(dim=1)
+
+    assert torch.equal(augment(imgs, uniforms, "none", (0.2, 1.0), True), normalize(imgs))
+    fixed = spans("crop_fixed")
+    assert torch.allclose(fixed, torch.full_like(fixed, FIXED_CROP_AREA**0.5), atol=0.04), fixed
+    assert spans("crop_rand").std() > 0.1
+    assert torch.equal(augment(imgs, uniforms, "crop_rand", (0.2, 1.0), True),
+                       crop_flip(normalize(imgs), uniforms, (0.2, 1.0), True))
+
+
+def test_colour_jitter_matches_torchvision_and_is_seeded():
+    import torchvision.transforms.functional as TF
+
+    from mae_search.data.memory import augment, colour_jitter
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16)
+    factors = torch.tensor([[0.7, 1.3, 0.6], [1.4, 0.8, 1.2], [1.0, 1.0, 1.0], [1.1, 0.6, 1.4]])
+    ours = colour_jitter(images, factors)
+    for i, (b, c, s) in enumerate(factors.tolist()):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(images[i], b), c), s)
+        assert torch.allclose(ours[i], ref, atol=1e-5)
+    imgs, uniforms = _ramp(), torch.rand(8, 5)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(augment(imgs, uniforms, "crop_color", (0.2, 1.0), True))
+    assert torch.equal(*draws) and not torch.equal(draws[0], augment(imgs, uniforms, "crop_rand", (0.2, 1.0), True))

@@ -253,3 +253,20 @@ def test_a_trial_trains_and_is_measured_with_its_mask_sampling(micro_cfg, monkey
     [metrics] = Trainer(cfg).fit()
     assert used and set(used) == {strategy}
     assert metrics["mse"] > 0 and metrics["test_mse"] > 0 and metrics["psnr"] > 0
+
+
+@pytest.mark.parametrize("kind", ["none", "crop_fixed", "crop_color"])
+def test_pre_training_uses_the_configured_augmentation(micro_cfg, monkeypatch, kind):
+    import mae_search.training.train as train_module
+
+    used = []
+    real = train_module.augment
+
+    def spy(images, uniforms, how, scale, hflip):
+        used.append(how)
+        return real(images, uniforms, how, scale, hflip)
+
+    monkeypatch.setattr(train_module, "augment", spy)
+    cfg = micro_cfg.with_overrides({"data.augment": kind, "epochs": 1, "eval.finetune.at": "never"})
+    Trainer(cfg).train_one_epoch()
+    assert used and set(used) == {kind}

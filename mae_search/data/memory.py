@@ -187,6 +187,53 @@ def crop_flip(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+FIXED_CROP_AREA = (224 / 256) ** 2  # the paper's fixed-size crop: 224 px from images resized to 256
+JITTER = 0.4  # colour jitter strength: brightness, contrast and saturation factors in [0.6, 1.4]
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's grayscale weights
+
+
+def augment(images_u8: torch.Tensor, uniforms: torch.Tensor, kind: str, scale: tuple[float, float],
+            hflip: bool) -> torch.Tensor:
+    """Pre-training augmentation of a batch, on its device (paper Table 1e), normalised:
+
+    - ``none``: the images as they are (the centre view at the model's size), no flip;
+    - ``crop_fixed``: a square crop of FIXED_CROP_AREA at a random position, and the flip;
+    - ``crop_rand``: random resized crop (area in ``scale``, aspect 3/4-4/3) and the flip (the default);
+    - ``crop_color``: ``crop_rand`` then colour jitter (brightness, contrast, saturation, each by a factor
+      drawn in 1 +- JITTER, applied in that order; no hue), its factors drawn on the device from torch's
+      generator (which the trainer seeds per epoch).
+    """
+    images = normalize(images_u8)
+    if kind == "none":
+        return images
+    if kind == "crop_fixed":
+        uniforms = torch.cat([uniforms[:, :1], torch.full_like(uniforms[:, 1:2], 0.5), uniforms[:, 2:]], dim=1)
+        return crop_flip(images, uniforms, (FIXED_CROP_AREA, FIXED_CROP_AREA), hflip)
+    images = crop_flip(images, uniforms, scale, hflip)
+    if kind == "crop_color":
+        factors = 1 + JITTER * (2 * torch.rand(images.shape[0], 3, device=images.device) - 1)
+        images = standardize(colour_jitter(denormalize(images), factors))
+    return images
+
+
+def colour_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation of [0, 1] images (B, 3, H, W) scaled by ``factors`` (B, 3), in that
+    order, clamped to [0, 1] after each, as torchvision's ColorJitter does each adjustment."""
+    brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in factors.unbind(1))
+    luma = torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)
+    x = (images * brightness).clamp(0, 1)
+    mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean).clamp(0, 1)
+    gray = (x * luma).sum(1, keepdim=True)
+    return ((x - gray) * saturation + gray).clamp(0, 1)
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images -> the normalised form :func:`normalize` gives."""
+    mean, std = _mean_std(images.device, images.shape[1])
+    return (images - mean) / std
+
+
 def random_resized_crop_flip(
     images: torch.Tensor, scale: tuple[float, float], hflip: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:

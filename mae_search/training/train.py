@@ -19,7 +19,7 @@ from torch import nn
 
 from mae_search.config import TrainConfig
 from mae_search.data.load import DataSplits, load_data
-from mae_search.data.memory import crop_flip, normalize
+from mae_search.data.memory import augment
 from mae_search.mae.losses import mae_loss
 from mae_search.mae.masking import scheduled_mask_ratio
 from mae_search.mae.model import MaskedAutoencoderViT
@@ -174,7 +174,7 @@ class Trainer:
                 lr = lr_at(self.step, self.base_lr, warmup, total_steps, cfg.optim.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-            imgs = crop_flip(normalize(images_u8), uniforms, cfg.data.crop_scale, cfg.data.hflip)
+            imgs = augment(images_u8, uniforms, cfg.data.augment, cfg.data.crop_scale, cfg.data.hflip)
             update = (i + 1) % cfg.optim.accum_iter == 0
             if update:
                 self.step_log.append({"step": self.step, "epoch": self.epoch + i / steps,
