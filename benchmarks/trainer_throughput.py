@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from benchmarks.common import machine, side_by_side, sync, throughput, write_section
-from mae_search.config import LossConfig, TrainConfig, model_preset
+from mae_search.config import LossConfig, ModelConfig, TrainConfig, model_preset
 from mae_search.data.memory import crop_flip, draw_crop_flip, normalize, synthetic_shapes
 from mae_search.mae.losses import mae_loss, masked_mse, patch_targets
-from mae_search.mae.masking import random_masking
 from mae_search.mae.model import Attention, MaskedAutoencoderViT
-from mae_search.training.train import MEASURE_EVERY, Trainer, make_optimizer, param_groups
+from mae_search.training.train import MEASURE_EVERY, Trainer, param_groups
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts) for MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -59,31 +58,10 @@ def baseline_model(cfg) -> MaskedAutoencoderViT:
     return model
 
 
-class SymmetricMAE(MaskedAutoencoderViT):
-    """Encoder on all tokens: removed patches become a learned encoder mask token instead of being dropped."""
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-
-    def forward_encoder(self, imgs, mask_ratio):
-        x = self.embed(imgs)
-        _, mask, ids_restore = random_masking(x, mask_ratio)
-        x = torch.where(mask.unsqueeze(-1).bool(), self.enc_mask_token + self.pos_embed[:, 1:], x)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        # The decoder expects [visible; masked] order: keep its input identical by taking all tokens
-        # and letting it re-gather (ids_restore of the identity permutation).
-        self._restore = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
-        return self.norm(x), mask, self._restore
-
-    def forward_decoder(self, latent, ids_restore):
-        x = self.decoder_embed(latent) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+def with_mask_tokens(cfg) -> ModelConfig:
+    """The symmetric design: the encoder on all tokens, mask tokens in the removed positions (the paper's
+    Table 1c "w/ [M]" row; ``model.encoder_mask_token``)."""
+    return cfg.model_copy(update={"encoder_mask_token": True})
 
 
 def augmented_batches(imgs_u8: torch.Tensor, count: int = 16) -> Iterator[torch.Tensor]:
@@ -130,15 +108,11 @@ def trainer_step(trainer: Trainer, imgs_u8):
     return step
 
 
-def make_trainer(model_cfg, batch: int, device: str, *, compile_: bool = False, model_cls=None,
+def make_trainer(model_cfg, batch: int, device: str, *, compile_: bool = False,
                  cpu_sdpa_min_tokens: int | None = None) -> Trainer:
     cfg = TrainConfig(model=model_cfg, batch_size=batch, device=device, compile=compile_,
                       data={"num_train": max(batch, 16), "num_test": 16})
     trainer = Trainer(cfg)
-    if model_cls is not None:  # same trainer, another architecture (the symmetric design)
-        torch.manual_seed(0)
-        trainer.model = trainer.train_model = model_cls(model_cfg).to(trainer.device)
-        trainer.optimizer = make_optimizer(trainer.model, 1e-4, (0.9, 0.95), 0.05)
     if cpu_sdpa_min_tokens is not None:  # override the attention kernel choice
         for module in trainer.model.modules():
             if isinstance(module, Attention):
@@ -199,7 +173,7 @@ def run_cpu(batch: int, rounds: int) -> str:
         "ours": trainer_step(make_trainer(cfg, batch, "cpu"), imgs),
         "sdpa": trainer_step(make_trainer(cfg, batch, "cpu", cpu_sdpa_min_tokens=0), imgs),
         "compiled": trainer_step(make_trainer(cfg, batch, "cpu", compile_=True), imgs),
-        "sym": trainer_step(make_trainer(cfg, batch, "cpu", model_cls=SymmetricMAE), imgs),
+        "sym": trainer_step(make_trainer(with_mask_tokens(cfg), batch, "cpu"), imgs),
     }
     timed = side_by_side(steps, batch, device, rounds=rounds)
 
@@ -338,8 +312,8 @@ def run_gpu(batch: int, rounds: int, *, device: str = "cuda", preset: str = "vit
         model = baseline_model(cfg).to(dev)
         return model, reference_step(model, imgs, dev, amp=False)
 
-    def ours(compile_=False, model_cls=None):
-        trainer = make_trainer(cfg, batch, device, compile_=compile_, model_cls=model_cls)
+    def ours(compile_=False, model_cfg=None):
+        trainer = make_trainer(model_cfg or cfg, batch, device, compile_=compile_)
         return trainer.model, trainer_step(trainer, imgs)
 
     measure("base", "reference-style: fp32, explicit attention, .item()/step", ref)
@@ -349,7 +323,7 @@ def run_gpu(batch: int, rounds: int, *, device: str = "cuda", preset: str = "vit
             measure("compiled", "mae_search + torch.compile", lambda: ours(compile_=True))
         except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not the end of the run
             rows.append(f"| mae_search + torch.compile | failed: {str(exc).splitlines()[0][:150]} | | | | |")
-    measure("sym", "symmetric design (encoder on all tokens)", lambda: ours(model_cls=SymmetricMAE))
+    measure("sym", "symmetric design (encoder on all tokens)", lambda: ours(model_cfg=with_mask_tokens(cfg)))
     base, mine, sym = ips["base"], ips["ours"], ips["sym"]
     compile_note = "" if "compiled" not in ips else (
         f" (compiled {ips['compiled'] / base:.2f}x); compile on vs off {ips['compiled'] / mine:.2f}x")

@@ -5,7 +5,7 @@ import time
 import torch
 
 from benchmarks import common
-from benchmarks.trainer_throughput import ATTENTION_LENGTHS, SymmetricMAE, attention_kernels_cpu, make_trainer
+from benchmarks.trainer_throughput import ATTENTION_LENGTHS, attention_kernels_cpu, make_trainer, with_mask_tokens
 from mae_search.config import ModelConfig
 from mae_search.mae.model import Attention
 
@@ -34,7 +34,7 @@ def test_benchmark_variants_train_and_override_the_attention_kernel():
                       decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     forced = make_trainer(cfg, 4, "cpu", cpu_sdpa_min_tokens=0)
     assert {m.cpu_sdpa_min_tokens for m in forced.model.modules() if isinstance(m, Attention)} == {0}
-    symmetric = make_trainer(cfg, 4, "cpu", model_cls=SymmetricMAE)
+    symmetric = make_trainer(with_mask_tokens(cfg), 4, "cpu")
     seen = []
     symmetric.model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     before = [p.detach().clone() for p in symmetric.model.parameters()]

@@ -76,3 +76,44 @@ def test_attention_kernel_choice_on_cpu_gives_sdpa_results(monkeypatch):
     assert calls == [threshold]  # only the sequence at the threshold went through the spy
     attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), cpu_sdpa_min_tokens=0)
     assert calls == [threshold, 4]  # 0 = SDPA at every length
+
+
+def _micro(**extra) -> ModelConfig:
+    return ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                       decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **extra)
+
+
+def test_encoder_mask_token_runs_the_encoder_on_every_token():
+    """'w/ [M]': all 16 positions (+ CLS) enter the encoder, removed ones as the learned mask token."""
+    model = MaskedAutoencoderViT(_micro(encoder_mask_token=True))
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    imgs = torch.randn(2, 3, 16, 16)
+    out = model(imgs, mask_ratio=0.75)
+    assert seen[0].shape[1] == 1 + 16 and out.latent.shape == (2, 17, 32) and out.pred.shape == (2, 16, 48)
+    removed = out.mask[0].bool()
+    token = model.encoder_mask_token[0, 0] + model.pos_embed[0, 1:]
+    assert torch.allclose(seen[0][0, 1:][removed], token[removed])
+    assert torch.allclose(seen[0][0, 1:][~removed], model.embed(imgs)[0][~removed])
+
+
+def test_with_nothing_masked_the_mask_token_encoder_equals_the_visible_only_one():
+    """Ratio 0: same weights, same tokens, so the same encoder output (today's comes in shuffled order)."""
+    torch.manual_seed(0)
+    plain = MaskedAutoencoderViT(_micro()).eval()
+    with_token = MaskedAutoencoderViT(_micro(encoder_mask_token=True)).eval()
+    missing, unexpected = with_token.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["encoder_mask_token"] and not unexpected
+    imgs = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(1)
+    latent, _, ids_restore = plain.forward_encoder(imgs, 0.0)
+    torch.manual_seed(1)
+    full, mask, _ = with_token.forward_encoder(imgs, 0.0)
+    assert not mask.any()
+    in_order = torch.gather(latent[:, 1:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, latent.shape[-1]))
+    assert torch.allclose(full[:, 1:], in_order, atol=1e-5) and torch.allclose(full[:, 0], latent[:, 0], atol=1e-5)
+
+
+def test_default_model_is_unchanged_by_the_option():
+    """Without encoder_mask_token the model has no extra parameter (old checkpoints load as they are)."""
+    assert "encoder_mask_token" not in dict(MaskedAutoencoderViT(_micro()).named_parameters())

@@ -113,7 +113,7 @@ class MAEOutput:
 
     pred: torch.Tensor  # (B, N, p*p*C) predicted patches
     mask: torch.Tensor  # (B, N), 1 = removed
-    latent: torch.Tensor  # (B, 1 + kept, D) encoder output incl. CLS
+    latent: torch.Tensor  # (B, 1 + kept, D) encoder output incl. CLS (1 + N with encoder_mask_token)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -130,6 +130,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, num_patches + 1, cfg.embed_dim), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        if cfg.encoder_mask_token:  # the paper's "w/ [M]" row: removed patches enter the encoder as this token
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
 
         # Decoder
         d = cfg.decoder_embed_dim
@@ -160,6 +162,8 @@ class MaskedAutoencoderViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.cfg.encoder_mask_token:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         return patchify(imgs, self.cfg.patch_size)
@@ -172,7 +176,11 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, strategy: str = "random"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, mask, ids_restore = mask_patches(self.embed(imgs), mask_ratio, strategy)
+        tokens = self.embed(imgs)
+        x, mask, ids_restore = mask_patches(tokens, mask_ratio, strategy)
+        if self.cfg.encoder_mask_token:  # every position, in image order: removed ones as the mask token
+            removed = mask.unsqueeze(-1).bool()
+            x = torch.where(removed, self.encoder_mask_token + self.pos_embed[:, 1:, :], tokens)
         return self.encode(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -189,11 +197,16 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
+        if self.cfg.encoder_mask_token:  # the encoder already filled every position, in image order
+            return self._decode(x + self.decoder_pos_embed)
         b, n = ids_restore.shape
         mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
         tokens = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
+        return self._decode(torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's blocks on its full sequence (CLS first); the predicted patches without CLS."""
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
