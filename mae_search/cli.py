@@ -149,10 +149,15 @@ def search(
     if done.trials is None:
         _fail(f"search '{space.name}' ended before any trial reported a result")
     results = done.search_dir.results
-    print_verdict(console, verdict(space, load_from_dir(done.search_dir.root).table))
-    print_trials(console, final_rows(read_results(results)), space.primary.metric, space.primary.mode,
-                 {f"{PARAM_PREFIX}{k}": space.label_of(k) for k in space.dimensions})
-    print_references(console, read_results(results, with_references=True))
+    try:
+        print_verdict(console, verdict(space, load_from_dir(done.search_dir.root).table))
+        print_trials(console, final_rows(read_results(results)), space.primary.metric, space.primary.mode,
+                     {f"{PARAM_PREFIX}{k}": space.label_of(k) for k in space.dimensions})
+        print_references(console, read_results(results, with_references=True))
+    except KeyboardInterrupt:  # Ctrl-C while the summary prints: the search itself is recorded in full
+        console.print(f"[yellow]interrupted[/] while printing the summary; the table is complete: {results} "
+                      f"(mae-search report {done.search_dir} shows it)", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     seeds = f" x {space.seeds_per_trial} seeds" if space.seed_averaged else ""
     console.print(f"{len(done.trials)} trials{seeds} in {done.wall_s:.0f}s; table: {results}")
     if done.failed:
