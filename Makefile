@@ -18,7 +18,7 @@ search: install
 
 test: install
 	$(VENV)/bin/ruff check mae_search tests benchmarks
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=30  # the slowest tests in every log: where the suite's time goes
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not slow"
