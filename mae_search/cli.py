@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -124,6 +125,7 @@ def search(
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the embedded store's table-creation notices
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # also when MLflow is imported
     from mae_search.report.load import load_from_dir
     from mae_search.report.terminal import print_references, print_trials, print_verdict
     from mae_search.report.verdict import verdict

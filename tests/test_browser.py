@@ -56,7 +56,10 @@ def test_html_report_renders_its_tables_and_plots(chromium, tmp_path):
     assert "random-init encoder (reference)" in dom
     # The best row's label and metric cells are bold, its time cells are not.
     best = re.findall(r'<td class="best">([^<]*)</td>', dom)
-    assert best[0] == "improved" and len(best) == 8 and "42.1 ± 3.5" in best
+    marked = [c.strip().strip("*") for c in next(line for line in (REPORT.parent / "README.md").read_text()
+                                                 .splitlines() if line.startswith("| **")).strip("|").split("|")
+              if c.strip().startswith("**")]
+    assert best[0] == "improved" and best == marked  # the Markdown's bold cells, no more and no fewer
     assert re.search(r'<td class="best">[^<]*</td>\s*<td>\d+\.\d ± \d+\.\d</td>', dom)  # pretrain time, plain
     assert dom.count("data:image/png;base64,") == 4  # factor, Pareto, curves, reconstructions
     assert not_blank(shot) > 0.02

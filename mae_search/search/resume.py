@@ -54,10 +54,10 @@ def check_search_dir(space: SearchSpace, search_dir: SearchDir, resume: bool) ->
                 f"search '{space.name}' already exists under {exp_dir}: use --resume, or another --storage"
             )
         return
-    if not search_dir.space_file.is_file() or not (search_dir.tune_started or tune.Tuner.can_restore(str(exp_dir))):
-        raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
     if search_dir.tune_started:
         check_tune_state(space, search_dir)
+    elif not (search_dir.space_file.is_file() and tune.Tuner.can_restore(str(exp_dir))):
+        raise ConfigError(f"search '{space.name}': nothing to resume under {exp_dir}")
     check_resumable(space, search_dir)
 
 
