@@ -17,7 +17,7 @@ python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --impl
 # what a search never imports (py-spy and virtualenv serve Ray's profiling and runtime environments).
 SKIP=" aiohappyeyeballs aiohttp aiosignal attrs certifi charset_normalizer click filelock frozenlist fsspec
   grpcio idna markupsafe msgpack multidict numpy packaging pandas prometheus_client propcache protobuf pyarrow
-  python_dateutil pyyaml requests six tqdm typing_extensions typing_inspection urllib3 wrapt yarl
+  python_dateutil pyyaml requests six tqdm typing_extensions urllib3 wrapt yarl
   py_spy virtualenv distlib platformdirs python_discovery "
 for wheel in "$WHEELS"/*.whl; do
   name=$(basename "$wheel" | sed 's/-[0-9].*//' | tr 'A-Z' 'a-z')

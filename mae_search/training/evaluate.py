@@ -123,9 +123,10 @@ def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: 
     """
     gen = torch.Generator().manual_seed(seed)
     dim = train_x.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)).to(train_x.device)
-    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)  # on the CPU: same draw on every device
     nn.init.zeros_(head[1].bias)
+    head = head.to(train_x.device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     batch = min(256, len(train_x))
     steps = epochs * math.ceil(len(train_x) / batch)
