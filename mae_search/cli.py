@@ -126,20 +126,20 @@ def search(
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the embedded store's table-creation notices
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # also when MLflow is imported
-    from mae_search.report.load import load_from_dir
-    from mae_search.report.terminal import print_references, print_trials, print_verdict
-    from mae_search.report.verdict import verdict
-    from mae_search.search.record import PARAM_PREFIX
-    from mae_search.search.results import final_rows, read_results
-    from mae_search.search.run import run_search
-    from mae_search.search.search_dir import SearchDir
-    from mae_search.search.space import load_search_space
-    from mae_search.search.track import lost_tracking
-
     again = _resume_command(space_file, storage, set_, address=address, num_cpus=num_cpus,
                             tracking_uri=tracking_uri, mlflow=mlflow)
     space = None
-    try:
+    try:  # the imports too: a Ctrl-C while they load (seconds) is answered like any other
+        from mae_search.report.load import load_from_dir
+        from mae_search.report.terminal import print_references, print_trials, print_verdict
+        from mae_search.report.verdict import verdict
+        from mae_search.search.record import PARAM_PREFIX
+        from mae_search.search.results import final_rows, read_results
+        from mae_search.search.run import run_search
+        from mae_search.search.search_dir import SearchDir
+        from mae_search.search.space import load_search_space
+        from mae_search.search.track import lost_tracking
+
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         done = run_search(space, storage, space_file=space_file, address=address, resume=resume,
                           num_cpus=num_cpus, tracking_uri=tracking_uri, mlflow=mlflow, console=console)

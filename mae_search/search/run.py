@@ -18,9 +18,11 @@ copied beside the rest after every trial.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from mae_search.search.cluster import (
     log_ray_to,
     plan_concurrency,
 )
+from mae_search.search.interrupt import PreTrialInterrupts
 from mae_search.search.mlflow_runs import MLflowSearchCallback
 from mae_search.search.progress import SearchProgress, stop_progress
 from mae_search.search.record import Status
@@ -106,7 +109,8 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
                  SearchProgress(space, max_epochs, console, search_dir)]
     console.print(f"search [bold]{space.name}[/]: {plan_sentence(space)}, results in {search_dir}")
     ray_log = log_ray_to(search_dir.driver_log)
-    console.print(init_ray(address, num_cpus))
+    with PreTrialInterrupts():  # a Ctrl-C while Ray starts is not lost either
+        console.print(init_ray(address, num_cpus))
     console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
                   "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
     try:
@@ -146,31 +150,37 @@ def tune_search(space: SearchSpace, search_dir: str | Path | Location | SearchDi
     # Tune's newer console output prints its own header and a TensorBoard hint even when silent; the legacy
     # one at verbose=0 prints nothing, leaving the terminal to the project's view (progress.py).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    init_ray(address, num_cpus)
-    plan = plan_concurrency(space, ray.cluster_resources())
-    started = time.time()
-    if resume and search_dir.tune_started:
-        note = check_resumable(space, search_dir, plan)
-        if note:
-            notify(note)
-        tuner = tune.Tuner.restore(str(search_dir.root), trainable=trainable_for(space, search_dir, plan),
-                                   resume_errored=True)
-    else:  # a new search, or one interrupted before its first trial (its reference rows are kept)
-        tuner = build_tuner(space, search_dir, callbacks or [], plan)
-        search_dir.root.mkdir()
-        search_dir.asha_file.unlink()  # rungs of an earlier attempt that never started Tune
-        search_dir.space_file.write_text(space.model_dump_json(indent=2))  # the record --resume checks against
-        search_dir.plan_file.write_text(json.dumps({"concurrency": plan.concurrency}))
-    run_references(space, search_dir)
+    with PreTrialInterrupts() as interrupts:  # Tune's own handler takes over in fit()
+        init_ray(address, num_cpus)
+        plan = plan_concurrency(space, ray.cluster_resources())
+        started = time.time()
+        if resume and search_dir.tune_started:
+            note = check_resumable(space, search_dir, plan)
+            if note:
+                notify(note)
+            tuner = tune.Tuner.restore(str(search_dir.root), trainable=trainable_for(space, search_dir, plan),
+                                       resume_errored=True)
+        else:  # a new search, or one interrupted before its first trial (its reference rows are kept)
+            tuner = build_tuner(space, search_dir, callbacks or [], plan)
+            search_dir.root.mkdir()
+            search_dir.asha_file.unlink()  # rungs of an earlier attempt that never started Tune
+            search_dir.space_file.write_text(space.model_dump_json(indent=2))  # the record --resume checks
+            search_dir.plan_file.write_text(json.dumps({"concurrency": plan.concurrency}))
+        interrupts.check()
+        run_references(space, search_dir, interrupts.check)
     tuner.fit()
     return time.time() - started
 
 
-def run_references(space: SearchSpace, search_dir: SearchDir) -> int:
+def run_references(space: SearchSpace, search_dir: SearchDir, check_interrupt: Callable[[], None] = lambda: None,
+                   poll_s: float = 0.5) -> int:
     """Evaluate the reference rows the results table lacks (every seed x kind), concurrently; returns how many.
 
     They run before the trials, with one trial-worker's resources each, and are
-    recorded once: a resumed search reuses them.
+    recorded once: a resumed search reuses them. The wait polls, asking
+    ``check_interrupt`` between polls, so a Ctrl-C stops it even when Ray's
+    client code swallowed the ``KeyboardInterrupt`` (:mod:`~mae_search.search.interrupt`);
+    the unfinished tasks are cancelled then.
     """
     todo = missing_references(search_dir, space.seeds, REFERENCE_KINDS)
     if not todo:
@@ -180,7 +190,16 @@ def run_references(space: SearchSpace, search_dir: SearchDir) -> int:
     configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
     futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
     try:
+        pending = futures
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            check_interrupt()
         results = ray.get(futures)
+    except KeyboardInterrupt:
+        for future in futures:  # their rows would not be recorded: stop them now
+            with contextlib.suppress(Exception):  # one already gone must not hide the interrupt
+                ray.cancel(future, force=True)
+        raise
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, ConfigError | DataError):  # every trial would fail the same way: stop here

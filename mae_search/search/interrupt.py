@@ -1,0 +1,53 @@
+"""Ctrl-C before Tune takes over: remembered, so no library can swallow it.
+
+Python turns SIGINT into ``KeyboardInterrupt`` at the main thread's next bytecode,
+wherever that is. Before the trials, a search spends its time in Ray's client
+code (submitting the reference rows' tasks, waiting for them, dropping object
+references), and there that next bytecode can be a finaliser or a callback run
+from C, where an exception is printed as "Exception ignored" and dropped: the
+search then ran on to the end, as if Ctrl-C had never been pressed. The guard
+below still raises at once, but also remembers the signal, and the search asks
+it at each step before the trials (:meth:`PreTrialInterrupts.check`), so a
+swallowed one stops the search there. Tune installs its own handler once the
+trials start, and the guard gives the previous one back before that.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+
+
+class PreTrialInterrupts:
+    """A SIGINT handler for the phase before Tune's: raise ``KeyboardInterrupt`` and remember it."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: object = None
+        self._installed = False
+
+    def __enter__(self) -> PreTrialInterrupts:
+        # Only the main thread may set handlers (a search run from a thread keeps the default one).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a SIGINT came, even one whose exception was swallowed."""
+        if self.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._installed = False
+        if kind is None:
+            self.check()

@@ -1,0 +1,50 @@
+"""Ctrl-C before the trials is remembered even where a library swallows the KeyboardInterrupt."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from mae_search.search.interrupt import PreTrialInterrupts
+
+
+def _swallowing_library_call() -> None:
+    """What a finaliser or a callback run from C does with an exception: print it and go on."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the handler runs here and raises
+    except BaseException:  # noqa: BLE001 - the library's, not ours
+        pass
+
+
+def test_a_swallowed_ctrl_c_is_raised_at_the_next_check():
+    with pytest.raises(KeyboardInterrupt), PreTrialInterrupts() as interrupts:
+        started = time.monotonic()
+        _swallowing_library_call()
+        assert time.monotonic() - started < 1.5, "the signal did not interrupt the wait"
+        assert interrupts.received
+        interrupts.check()
+        pytest.fail("check() let a swallowed Ctrl-C through")
+
+
+def test_a_swallowed_ctrl_c_is_raised_when_the_phase_ends_without_a_check():
+    with pytest.raises(KeyboardInterrupt), PreTrialInterrupts():
+        _swallowing_library_call()
+
+
+def test_the_previous_handler_is_back_afterwards_and_nothing_is_raised_without_a_signal():
+    def marker(signum, frame):
+        raise RuntimeError("the outer handler")
+
+    previous = signal.signal(signal.SIGINT, marker)
+    try:
+        with PreTrialInterrupts() as interrupts:
+            assert signal.getsignal(signal.SIGINT) != marker
+            interrupts.check()
+        assert signal.getsignal(signal.SIGINT) is marker
+        with pytest.raises(KeyboardInterrupt), PreTrialInterrupts():
+            raise KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is marker  # also when the phase ended by the interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
