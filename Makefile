@@ -18,7 +18,10 @@ search: install
 
 test: install
 	$(VENV)/bin/ruff check mae_search tests benchmarks
-	$(VENV)/bin/pytest --durations=30  # the slowest tests in every log: where the suite's time goes
+	# Two at a time: most of an end-to-end test waits on process start-up. The tests that run `ray start` /
+	# `ray stop --force` (every Ray process of the machine) run after, alone. --durations: where the time goes.
+	$(VENV)/bin/pytest -n 2 --dist worksteal -m "not serial" --durations=30
+	$(VENV)/bin/pytest -m serial --durations=5
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not slow"

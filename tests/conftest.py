@@ -111,3 +111,18 @@ def start_ui(storage: Path, port: int, timeout_s: float = 300) -> tuple[subproce
         if not line and proc.poll() is not None:
             break
     return proc, line
+
+
+def descendants_titled(pid: int, title: str) -> list[int]:
+    """The processes under ``pid`` whose command line starts with ``title`` (a search's own Ray workers: its
+    local instance's processes descend from it), so a test kills its own, never those of a test running
+    beside it."""
+    import psutil
+
+    def cmdline(proc: psutil.Process) -> str:
+        try:
+            return " ".join(proc.cmdline())
+        except psutil.Error:  # it ended while we looked
+            return ""
+
+    return [p.pid for p in psutil.Process(pid).children(recursive=True) if cmdline(p).startswith(title)]

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,15 @@ REPORT = Path(__file__).parent.parent / "reports" / "improvements-tiny" / "repor
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
-                       timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which("chromium")
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mae-search-chromium.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # `make test` runs two test processes: one installs, the other waits
+        found = shutil.which("chromium") or shutil.which("chromium-browser")
+        if not found and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+            subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
+                           timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            found = shutil.which("chromium")
     if not found:
         pytest.skip("headless Chromium is not installed and could not be installed from Debian packages")
     return found

@@ -13,7 +13,7 @@ import pytest
 from mae_search.search.results import read_results
 from tests.conftest import cli_popen, micro_space
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # ray start / ray stop --force
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

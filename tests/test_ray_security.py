@@ -131,5 +131,5 @@ def test_init_ray_starts_a_local_instance_on_loopback_and_joins_an_address_as_it
     assert cluster.init_ray("auto") == "Ray: joined the cluster at auto"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as inside a Ray job
     assert cluster.init_ray(None) == "Ray: joined the cluster at 10.0.0.5:6379"
-    assert calls == [(None, "0"), ("auto", None), ("10.0.0.5:6379", None)]
+    assert calls == [("local", "0"), ("auto", None), ("10.0.0.5:6379", None)]
     assert LOCAL_ONLY_ENV not in os.environ

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from mae_search.search.results import read_results
-from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, micro_space
+from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, descendants_titled, micro_space
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +65,7 @@ def test_optuna_selects_on_the_validation_split_and_never_sees_test(tmp_path):
 WORKER_TITLES = {"ray_task": "ray::seed_task", "ray_train": "ray::RayTrainWorker"}
 
 
-def _train_worker_pids(title: str) -> list[int]:
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith(title):
-            pids.append(proc.info["pid"])
-    return pids
+
 
 
 @pytest.mark.parametrize("runner", ["ray_task", "ray_train"])
@@ -88,7 +81,7 @@ resources: {{runner: {runner}}}
 """, epochs=8, num_train=3000)
     # Once Tune has epoch 2, the checkpoint of epoch 1 is in the seed's run directory.
     proc, table = start_until(space, tmp_path / "results", "fault", reached_epoch(2))
-    pids = _train_worker_pids(WORKER_TITLES[runner])
+    pids = descendants_titled(proc.pid, WORKER_TITLES[runner])
     assert pids, f"no {WORKER_TITLES[runner]} process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -149,6 +142,7 @@ resources: {workers: 2, cpus_per_worker: 1}
     assert (df["epoch_time_s"] * df["throughput_img_s"]).round().eq(512).all()
 
 
+@pytest.mark.serial  # ray start / ray stop --force act on every Ray process of the machine
 def test_search_joins_an_existing_cluster(tmp_path):
     """`--address` joins a cluster started with `ray start`, which outlives the search."""
     import socket

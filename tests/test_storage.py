@@ -15,7 +15,7 @@ import pytest
 from mae_search.search.results import read_results
 from mae_search.search.search_dir import SearchDir
 from mae_search.storage import Location, StorageError, local_dir
-from tests.conftest import cli, cli_popen, micro_space
+from tests.conftest import cli, cli_popen, descendants_titled, micro_space
 
 BUCKET = "mae-bucket"
 
@@ -268,7 +268,6 @@ def test_search_on_s3_resumes_on_another_machine_and_reports_from_it(s3, tmp_pat
 def test_killed_ray_train_worker_restores_from_its_checkpoint_in_s3(s3, tmp_path):
     """The Ray Train runner on S3: its checkpoints are in the store, and a killed worker group restarts
     from the latest of them (read back through the store)."""
-    import psutil
 
     storage = f"s3://{BUCKET}/train"
     space = micro_space(tmp_path, "s3train", """
@@ -282,8 +281,7 @@ resources: {runner: ray_train}
 """, epochs=6, num_train=3000)
     proc = cli_popen("search", str(space), "--storage", storage, "--num-cpus", "2")
     wait_for(f"{storage}/s3train", lambda df: df["epoch"].max() >= 2, proc)
-    pids = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker")]
+    pids = descendants_titled(proc.pid, "ray::RayTrainWorker")
     assert pids, "no Ray Train worker found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

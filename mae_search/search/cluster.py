@@ -97,7 +97,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str:
         # The dashboard process also serves the State API, which Train V2's
         # placement-group cleaner needs to notice a finished trial.
         with loopback_node():
-            ray.init(num_cpus=num_cpus, **kwargs)
+            # "local": a new instance even when `ray start` ran on this machine (ray.init would join that)
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return describe_cluster(f"Ray: joined the cluster at {address}" if address else "Ray: started a local instance")
 
 
