@@ -109,3 +109,20 @@ def test_stream_check_compares_each_worker_count_with_the_step(tmp_path):
     for _, delivered, ratio, bound in rows:
         assert float(delivered) > 0
         assert bound.strip() == ("yes" if float(ratio) < 1 else "no")
+
+
+def test_phase_clock_takes_nested_phases_out_of_the_outer_one():
+    """A phase's time excludes the phases it calls, so the shares of a trial add up to its wall time."""
+    from benchmarks.trial_breakdown import PhaseClock
+
+    ticks = iter([0.0, 1.0, 4.0, 4.5, 6.0, 10.0])  # outer starts, inner 1-4, inner again 4.5-6, outer ends
+    clock = PhaseClock(now=lambda: next(ticks))
+    inner = clock.wrap("probe", lambda: None)
+
+    def outer() -> str:
+        inner()
+        inner()
+        return "done"
+
+    assert clock.wrap("evaluate", outer)() == "done"
+    assert dict(clock.seconds) == {"probe": 4.5, "evaluate": 5.5}

@@ -124,6 +124,7 @@ max_concurrent_trials: 1
     assert not {p for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")} - set(stamps)
 
 
+@pytest.mark.serial  # its two DDP workers spin in gloo's collectives: 43 s alone, 216 s beside another test
 def test_two_worker_ddp_trial(tmp_path):
     """One trial as a 2-worker Ray Train DDP job (gloo on CPU): the shards together cover the batch."""
     space = micro_space(tmp_path, "ddp", """
