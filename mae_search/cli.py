@@ -120,6 +120,8 @@ def search(
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow server or store; default MLFLOW_TRACKING_URI, else STORAGE/mlflow.db")] = None,
     mlflow: Annotated[bool, typer.Option(help="log the search to MLflow")] = True,
+    fresh_references: Annotated[bool, typer.Option(
+        help="compute the reference rows even when an earlier search under STORAGE stored them")] = False,
 ) -> None:
     """Run an ablation or hyperparameter search on Ray (Tune + Train, Optuna, ASHA), tracked in MLflow."""
     import os
@@ -142,7 +144,8 @@ def search(
 
         space = load_search_space(space_file, overrides=dict(_parse_assignment(a) for a in set_ or []))
         done = run_search(space, storage, space_file=space_file, address=address, resume=resume,
-                          num_cpus=num_cpus, tracking_uri=tracking_uri, mlflow=mlflow, console=console)
+                          num_cpus=num_cpus, tracking_uri=tracking_uri, mlflow=mlflow,
+                          fresh_references=fresh_references, console=console)
     except ValueError as exc:
         message = str(exc)
         _fail(f"{space_file}: {message}" if message.startswith("search '") else message)  # name the file too

@@ -113,6 +113,15 @@ def start_ui(storage: Path, port: int, timeout_s: float = 300) -> tuple[subproce
     return proc, line
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS picks it), for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def descendants_titled(pid: int, title: str) -> list[int]:
     """The processes under ``pid`` whose command line starts with ``title`` (a search's own Ray workers: its
     local instance's processes descend from it), so a test kills its own, never those of a test running

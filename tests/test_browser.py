@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import cli, start_ui
+from tests.conftest import cli, free_port, start_ui
 
 pytestmark = pytest.mark.slow
 REPORT = Path(__file__).parent.parent / "reports" / "improvements-tiny" / "report.html"
@@ -79,7 +79,6 @@ def test_mlflow_ui_shows_the_search_and_a_stopped_trial(chromium, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fixture-ablation").experiment_id
     [stopped] = client.search_runs([experiment], filter_string="tags.`mae_search.status` = 'stopped_early'")
-    from tests.test_tracking import free_port
 
     port = free_port()
     ui, line = start_ui(tmp_path, port)

@@ -2,7 +2,6 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -11,18 +10,12 @@ from pathlib import Path
 import pytest
 
 from mae_search.search.results import read_results
-from tests.conftest import cli_popen, micro_space
+from tests.conftest import cli_popen, free_port, micro_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # ray start / ray stop --force
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_job_command() -> str:
@@ -37,12 +30,15 @@ def test_search_submitted_as_a_ray_job_with_readmes_command(tmp_path):
     a micro space and temporary storage): the job succeeds and leaves its table and MLflow runs."""
     import mlflow
 
-    port, dashboard = free_port(), free_port()
+    # Its own agent port too: the default (52365) may still be held by the agent of a Ray instance that is
+    # going away, and an agent that cannot bind it serves no job ("No available agent to submit job").
+    port, dashboard, agent = free_port(), free_port(), free_port()
     # The head runs in the project's environment (activated, as on a cluster node), so a job's `python` has
     # the dependencies; the job brings only the code.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     started = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                              "--num-cpus=2", "--include-dashboard=true"], capture_output=True, text=True,
+                              f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--include-dashboard=true"],
+                             capture_output=True, text=True,
                              timeout=180, env=env)
     assert started.returncode == 0, started.stderr[-2000:]
     try:

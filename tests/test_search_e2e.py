@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mae_search.search.results import read_results
-from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, descendants_titled, micro_space
+from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, descendants_titled, free_port, micro_space
 
 pytestmark = pytest.mark.slow
 
@@ -146,14 +146,11 @@ resources: {workers: 2, cpus_per_worker: 1}
 @pytest.mark.serial  # ray start / ray stop --force act on every Ray process of the machine
 def test_search_joins_an_existing_cluster(tmp_path):
     """`--address` joins a cluster started with `ray start`, which outlives the search."""
-    import socket
     import subprocess
     import sys
 
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     started = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2"],
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
@@ -431,3 +428,35 @@ scheduler: {type: none}
     assert sorted(finals) == [2, 2], resumed.stdout
     assert sorted(df.loc[df["status"] == "reference", "reference"]) == ["random_init", "raw_pixels"]
     assert not (storage / "mlflow.db").exists()
+
+
+def test_searches_under_one_storage_share_their_reference_rows(tmp_path):
+    """The second search with the same seed, data, model and evaluation reads the first's reference rows
+    instead of computing them; --fresh-references computes them again, to the same numbers."""
+    storage = tmp_path / "results"
+    first = micro_space(tmp_path, "first", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n",
+                        epochs=1)
+    cli("search", str(first), "--storage", str(storage), "--num-cpus", "2", "--no-mlflow")
+    # Another pre-training and another evaluation schedule: the reference rows do not depend on them.
+    body = "dimensions: {masking.mask_ratio: {grid: [0.5]}}\nmetric: loss\nmode: min\nscheduler: {type: none}\n"
+    second = micro_space(tmp_path, "second", body, epochs=2)
+    out = cli("search", str(second), "--storage", str(storage), "--num-cpus", "2", "--no-mlflow",
+              "--set", "eval.every_epochs=2")
+    said = out.stdout.replace("\n", "")  # as one line, however the terminal wrapped it
+    assert f"reference rows: 2 of 2 read from {storage / '_references'} (computed by first;" in said
+    third = micro_space(tmp_path, "third", body, epochs=2)
+    fresh = cli("search", str(third), "--storage", str(storage), "--num-cpus", "2", "--no-mlflow",
+                "--fresh-references")
+    assert "reference rows:" not in fresh.stdout
+
+    def references(name: str):
+        df = read_results(storage / name, with_references=True)
+        return df[df["status"] == "reference"].set_index("reference").sort_index()
+
+    columns = ["linear_probe_acc", "val_linear_probe_acc", "knn_acc", "val_knn_acc", "finetune_acc"]
+    for name in ("second", "third"):
+        assert references(name)[columns].equals(references("first")[columns])
+        assert (references(name)["search"] == name).all()  # each search's table holds its own rows
+    assert sorted(p.name.split("-")[0] for p in (storage / "_references").iterdir()) == ["random_init", "raw_pixels"]
+    listed = json.loads(cli("list", "--storage", str(storage), "--format", "json").stdout)
+    assert sorted(s["search"] for s in listed) == ["first", "second", "third"]  # the store is not a search

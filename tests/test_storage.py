@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import pytest
 from mae_search.search.results import read_results
 from mae_search.search.search_dir import SearchDir
 from mae_search.storage import Location, StorageError, local_dir
-from tests.conftest import cli, cli_popen, descendants_titled, micro_space
+from tests.conftest import cli, cli_popen, descendants_titled, free_port, micro_space
 
 BUCKET = "mae-bucket"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,7 @@ from mae_search.search.results import read_results
 from mae_search.search.results_callback import ResultsTableCallback
 from mae_search.search.space import load_search_space
 from mae_search.search.tracking import TrackingError, check_tracking
-from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, micro_space
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, free_port, micro_space
 
 SERVERS: dict[str, subprocess.Popen] = {}
 

@@ -46,6 +46,7 @@ from mae_search.search.interrupt import PreTrialInterrupts
 from mae_search.search.mlflow_runs import MLflowSearchCallback
 from mae_search.search.progress import SearchProgress, stop_progress
 from mae_search.search.record import Status
+from mae_search.search.reference_store import ReferenceStore
 from mae_search.search.results import by_configuration, final_rows, missing_references, read_results, record_references
 from mae_search.search.results_callback import ResultsTableCallback
 from mae_search.search.resume import check_resumable, check_search_dir
@@ -81,7 +82,8 @@ class SearchOutcome:
 
 def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file: str | Path,
                address: str | None = None, resume: bool = False, num_cpus: int | None = None,
-               tracking_uri: str | None = None, mlflow: bool = True, console: Console | None = None) -> SearchOutcome:
+               tracking_uri: str | None = None, mlflow: bool = True, fresh_references: bool = False,
+               console: Console | None = None) -> SearchOutcome:
     """What ``mae-search search`` does: every check that needs no Ray first (data, storage, tracking,
     the search directory, whether a local instance can hold a trial), then Ray and the search, with the
     results table, MLflow and the live progress view as Tune callbacks."""
@@ -114,7 +116,7 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
     console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
                   "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
     try:
-        wall_s = tune_search(space, search_dir, resume=resume, callbacks=callbacks,
+        wall_s = tune_search(space, search_dir, resume=resume, callbacks=callbacks, fresh_references=fresh_references,
                              notify=lambda line: console.print(line, highlight=False))
     finally:
         stop_progress()
@@ -140,7 +142,7 @@ def outcome(space: SearchSpace, search_dir: SearchDir, wall_s: float) -> SearchO
 
 def tune_search(space: SearchSpace, search_dir: str | Path | Location | SearchDir, *, resume: bool = False,
                 callbacks: list[Any] | None = None, address: str | None = None, num_cpus: int | None = None,
-                notify: Any = print) -> float:
+                fresh_references: bool = False, notify: Callable[[str], None] = print) -> float:
     """Run (or resume) the Tune part of a search on Ray (started or joined if it is not yet), after the
     checks of :func:`run_search`; returns the wall time in seconds."""
     search_dir = SearchDir.at(search_dir)
@@ -167,17 +169,20 @@ def tune_search(space: SearchSpace, search_dir: str | Path | Location | SearchDi
             search_dir.space_file.write_text(space.model_dump_json(indent=2))  # the record --resume checks
             search_dir.plan_file.write_text(json.dumps({"concurrency": plan.concurrency}))
         interrupts.check()
-        run_references(space, search_dir, interrupts.check)
+        run_references(space, search_dir, interrupts.check, fresh=fresh_references, notify=notify)
     tuner.fit()
     return time.time() - started
 
 
 def run_references(space: SearchSpace, search_dir: SearchDir, check_interrupt: Callable[[], None] = lambda: None,
-                   poll_s: float = 0.5) -> int:
-    """Evaluate the reference rows the results table lacks (every seed x kind), concurrently; returns how many.
+                   poll_s: float = 0.5, fresh: bool = False, notify: Callable[[str], None] = print) -> int:
+    """Record the reference rows the results table lacks (every seed x kind); returns how many.
 
-    They run before the trials, with one trial-worker's resources each, and are
-    recorded once: a resumed search reuses them. The wait polls, asking
+    Rows another search under the same storage root computed from the same
+    inputs are read from its :class:`ReferenceStore` (``fresh`` computes them
+    anyway); the rest run before the trials, concurrently, with one
+    trial-worker's resources each, and are stored there for the next search.
+    They are recorded once: a resumed search reuses them. The wait polls, asking
     ``check_interrupt`` between polls, so a Ctrl-C stops it even when Ray's
     client code swallowed the ``KeyboardInterrupt`` (:mod:`~mae_search.search.interrupt`);
     the unfinished tasks are cancelled then.
@@ -185,9 +190,30 @@ def run_references(space: SearchSpace, search_dir: SearchDir, check_interrupt: C
     todo = missing_references(search_dir, space.seeds, REFERENCE_KINDS)
     if not todo:
         return 0
+    store = ReferenceStore(search_dir.storage, gpu=space.resources.gpus_per_worker > 0)
+    configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
+    stored = {} if fresh else {(seed, kind): store.get(configs[seed], kind) for seed, kind in todo}
+    reused = {key: row for key, row in stored.items() if row is not None}
+    if reused:
+        by = sorted({row.search for row in reused.values()})
+        notify(f"reference rows: {len(reused)} of {len(todo)} read from {store.root} (computed by "
+               f"{', '.join(by)}; --fresh-references computes them again)")
+    computed = compute_references(space, [key for key in todo if key not in reused], configs, check_interrupt,
+                                  poll_s)
+    for (seed, kind), metrics in computed.items():
+        store.put(configs[seed], kind, metrics, space.name)
+    metrics = {**{key: row.metrics for key, row in reused.items()}, **computed}
+    record_references(search_dir, [(kind, configs[seed], metrics[seed, kind]) for seed, kind in todo])
+    return len(todo)
+
+
+def compute_references(space: SearchSpace, todo: list[tuple[int, str]], configs: dict[int, Any],
+                       check_interrupt: Callable[[], None], poll_s: float) -> dict[tuple[int, str], dict[str, float]]:
+    """The reference rows ``todo`` (seed, kind), each a Ray task with one trial-worker's resources."""
+    if not todo:
+        return {}
     res = space.resources
     task = ray.remote(reference_task).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)
-    configs = {seed: space.base.with_overrides({"seed": seed}) for seed, _ in todo}
     futures = [task.remote(configs[seed].model_dump(mode="json"), kind, res.cpus_per_worker) for seed, kind in todo]
     try:
         pending = futures
@@ -205,9 +231,7 @@ def run_references(space: SearchSpace, search_dir: SearchDir, check_interrupt: C
         if isinstance(cause, ConfigError | DataError):  # every trial would fail the same way: stop here
             raise ConfigError(f"search '{space.name}': on the cluster, {cause}") from None
         raise
-    rows = [(kind, configs[seed], metrics) for (seed, kind), metrics in zip(todo, results, strict=True)]
-    record_references(search_dir, rows)
-    return len(todo)
+    return dict(zip(todo, results, strict=True))
 
 
 class SQLiteCopies(tune.Callback):
