@@ -26,6 +26,7 @@ from mae_search.config import LossConfig, ModelConfig, TrainConfig, model_preset
 from mae_search.data.memory import crop_flip, draw_crop_flip, normalize, synthetic_shapes
 from mae_search.mae.losses import mae_loss, masked_mse, patch_targets
 from mae_search.mae.model import Attention, MaskedAutoencoderViT
+from mae_search.mae.targets import PixelTarget
 from mae_search.training.train import MEASURE_EVERY, Trainer, param_groups
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts) for MFU.
@@ -127,7 +128,8 @@ def train_flops(model, imgs_u8, device, mask_ratio=0.75) -> float:
     imgs = normalize(imgs_u8)
     with FlopCounterMode(display=False) as counter:
         out = model(imgs, mask_ratio)
-        mae_loss(imgs, out.pred, out.mask, out.latent, LossConfig(), model.cfg.patch_size).total.backward()
+        mae_loss(imgs, out.pred, out.mask, out.latent, LossConfig(),
+                 PixelTarget(model.cfg.patch_size, model.cfg.in_chans, norm=True)).total.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 

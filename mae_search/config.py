@@ -112,11 +112,42 @@ class MaskingConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """MAE objective: masked MSE plus the two optional research terms."""
+    """MAE objective: masked MSE on the reconstruction target plus the two optional research terms.
 
-    norm_pix_loss: bool = True
+    ``target`` is the paper's Table 1d (mae_search/mae/targets.py says what each is). The older
+    ``norm_pix_loss: true/false`` is read as ``target: norm_pix/pixel``, so old space files and records
+    still load.
+    """
+
+    target: Literal["pixel", "norm_pix", "pca", "hog"] = "norm_pix"
+    pca_components: int = Field(96, ge=1, description="pca: principal components kept per patch (paper: 96 of "
+                                "768 values at 16 x 16 x 3)")
+    pca_patches: int = Field(20_000, ge=16, description="pca: training patches the basis is fitted on")
+    hog_cells: int = Field(2, ge=1, description="hog: cells a patch side (MaskFeat: 2 cells of 8 pixels)")
+    hog_bins: int = Field(9, ge=2, description="hog: orientation bins over 180 degrees")
     freq_weight: float = Field(0.0, ge=0.0)
     unif_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_norm_pix_loss(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "norm_pix_loss" not in data:
+            return data
+        data = dict(data)
+        norm = data.pop("norm_pix_loss")
+        if not isinstance(norm, bool):
+            raise ValueError(f"norm_pix_loss {norm!r}: expected true or false (it is now loss.target: norm_pix "
+                             "or pixel)")
+        implied = "norm_pix" if norm else "pixel"
+        if data.setdefault("target", implied) != implied:
+            raise ValueError(f"norm_pix_loss {str(norm).lower()} contradicts target {data['target']}: give "
+                             "loss.target alone (norm_pix_loss is its older name for norm_pix / pixel)")
+        return data
+
+    @property
+    def norm_pix_loss(self) -> bool:
+        """Whether the target is normalised per patch (the older name of ``target: norm_pix``)."""
+        return self.target == "norm_pix"
 
 
 class OptimConfig(_Strict):
@@ -295,11 +326,25 @@ class TrainConfig(_Strict):
         if self.data.dataset == "synthetic_shapes" and self.batch_size > self.data.num_train:
             raise ValueError(f"batch_size {self.batch_size} exceeds data.num_train {self.data.num_train}: "
                              "an epoch would have no batch")
+        self._check_target()
         side = self.model.img_size // self.model.patch_size
         if self.masking.strategy == "grid" and side % 2:
             raise ValueError(f"masking.strategy grid needs an even number of patches a side (2 x 2 groups); "
                              f"model.img_size {self.model.img_size} / patch_size {self.model.patch_size} gives {side}")
         return self
+
+    def _check_target(self) -> None:
+        """A target the patch geometry cannot hold, or a Laplacian term on a target without pixels."""
+        loss, p, c = self.loss, self.model.patch_size, self.model.in_chans
+        if loss.target == "pca" and loss.pca_components > p * p * c:
+            raise ValueError(f"loss.pca_components {loss.pca_components} exceeds the {p * p * c} values of a "
+                             f"{p} x {p} x {c} patch (the paper keeps 96 of 768)")
+        if loss.target == "hog" and p % loss.hog_cells:
+            raise ValueError(f"loss.hog_cells {loss.hog_cells} does not divide model.patch_size {p} (MaskFeat: "
+                             "2 cells of 8 pixels a 16-pixel patch side)")
+        if loss.target == "hog" and loss.freq_weight > 0:
+            raise ValueError("loss.freq_weight > 0 needs a pixel reconstruction; loss.target hog predicts "
+                             "gradient histograms, not pixels")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -330,8 +375,27 @@ class TrainConfig(_Strict):
                                       f"(known: {', '.join(PRESETS)})")
                 raw["model"] = ModelConfig(preset=value).model_dump()
                 continue
+            dotted, value = current_name(dotted, value, source)
             set_dotted(raw, dotted, value, source)
         return TrainConfig.from_dict(raw, source=source)
+
+
+# Older parameter names still read where a dotted name is given (--set, a variant's settings): the new name and
+# how a value translates. A space file's dimension must use the new name (space.py says which).
+RENAMED: dict[str, tuple[str, dict[Any, Any]]] = {
+    "loss.norm_pix_loss": ("loss.target", {True: "norm_pix", False: "pixel"}),
+}
+
+
+def current_name(dotted: str, value: Any, source: str = "config") -> tuple[str, Any]:
+    """``(dotted, value)`` under the parameter's current name (unchanged for a current one)."""
+    if dotted not in RENAMED:
+        return dotted, value
+    new, values = RENAMED[dotted]
+    if not isinstance(value, bool) or value not in values:
+        raise ConfigError(f"{source}: {dotted} {value!r}: expected one of {', '.join(map(str, values))} (it is "
+                          f"now {new})")
+    return new, values[value]
 
 
 def known_parameters(cfg: BaseModel | None = None, prefix: str = "") -> list[str]:

@@ -3,6 +3,7 @@ import torch
 from mae_search.config import LossConfig
 from mae_search.mae.losses import mae_loss, masked_laplacian_l1, masked_mse, patch_targets, uniformity
 from mae_search.mae.masking import patchify
+from mae_search.mae.targets import PixelTarget
 
 
 def _setup(b=2, size=16, p=4):
@@ -61,13 +62,16 @@ def test_uniformity_lower_for_spread_than_collapsed_features():
     assert uniformity(collapsed) > -0.05  # log(1) = 0 for identical features
 
 
+NORM_PIX = PixelTarget(4, 3, norm=True)  # the patch size of _setup
+
+
 def test_total_combines_weighted_terms_and_reports_each():
     imgs, mask, p = _setup()
     pred = torch.randn(2, 16, 48, requires_grad=True)
     latent = torch.randn(2, 9, 32, requires_grad=True)
-    plain = mae_loss(imgs, pred, mask, latent, LossConfig(), p)
+    plain = mae_loss(imgs, pred, mask, latent, LossConfig(), NORM_PIX)
     assert torch.equal(plain.total, plain.mse)
-    both = mae_loss(imgs, pred, mask, latent, LossConfig(freq_weight=0.05, unif_weight=0.01), p)
+    both = mae_loss(imgs, pred, mask, latent, LossConfig(freq_weight=0.05, unif_weight=0.01), NORM_PIX)
     assert torch.allclose(both.total, both.mse + 0.05 * both.freq + 0.01 * both.unif)
     both.total.backward()
     assert latent.grad is not None and latent.grad.abs().sum() > 0
@@ -76,11 +80,11 @@ def test_total_combines_weighted_terms_and_reports_each():
 def test_unweighted_terms_only_measured_when_asked():
     imgs, mask, p = _setup()
     pred, latent = torch.randn(2, 16, 48), torch.randn(2, 9, 32)
-    skipped = mae_loss(imgs, pred, mask, latent, LossConfig(), p, measure_unweighted=False)
+    skipped = mae_loss(imgs, pred, mask, latent, LossConfig(), NORM_PIX, measure_unweighted=False)
     assert skipped.freq is None and skipped.unif is None
-    weighted = mae_loss(imgs, pred, mask, latent, LossConfig(freq_weight=0.1), p, measure_unweighted=False)
+    weighted = mae_loss(imgs, pred, mask, latent, LossConfig(freq_weight=0.1), NORM_PIX, measure_unweighted=False)
     assert weighted.freq is not None and weighted.unif is None
-    measured = mae_loss(imgs, pred, mask, latent, LossConfig(), p, measure_unweighted=True)
+    measured = mae_loss(imgs, pred, mask, latent, LossConfig(), NORM_PIX, measure_unweighted=True)
     assert torch.equal(measured.total, skipped.total)
 
 
@@ -90,8 +94,8 @@ def test_loss_terms_are_computed_in_fp32_under_bf16_autocast():
     gen = torch.Generator().manual_seed(0)
     pred, latent = torch.randn(2, 16, 48, generator=gen), torch.randn(2, 9, 32, generator=gen)
     cfg = LossConfig(freq_weight=0.05, unif_weight=0.01)
-    fp32 = mae_loss(imgs, pred, mask, latent, cfg, p)
+    fp32 = mae_loss(imgs, pred, mask, latent, cfg, NORM_PIX)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = mae_loss(imgs, pred, mask, latent, cfg, p)
+        mixed = mae_loss(imgs, pred, mask, latent, cfg, NORM_PIX)
     for a, b in ((fp32.total, mixed.total), (fp32.freq, mixed.freq), (fp32.unif, mixed.unif)):
         assert b.dtype == torch.float32 and torch.equal(a, b)

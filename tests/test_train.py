@@ -59,8 +59,8 @@ def test_reconstruction_is_measured_at_the_target_ratio_mid_curriculum(micro_cfg
 
     masked = []
 
-    def spy(model, images, mask_ratio, norm_pix, strategy="random"):
-        out = real(model, images, mask_ratio, norm_pix, strategy)
+    def spy(model, images, mask_ratio, target, strategy="random"):
+        out = real(model, images, mask_ratio, target, strategy)
         masked.append(out["mask_px"].count_nonzero().item() / out["mask_px"].numel())  # exact on any device
         return out
 

@@ -1,6 +1,7 @@
 """The MAE objective and the two research terms, each a plain function of tensors.
 
-total = mse + freq_weight * laplacian_l1 + unif_weight * uniformity
+total = mse + freq_weight * laplacian_l1 + unif_weight * uniformity, the mse on the reconstruction
+target (mae/targets.py: pixels, normalised pixels, PCA coefficients or HOG)
 
 All three terms are always returned (detached where unweighted) so every run
 logs them, and ablations compare like with like.
@@ -14,19 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from mae_search.config import LossConfig
-from mae_search.mae.masking import patchify, unpatchify
+from mae_search.mae.masking import unpatchify
+from mae_search.mae.targets import PixelTarget, Target
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
 def patch_targets(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
-    """Patchified targets, optionally normalised per patch (the paper's norm_pix_loss)."""
-    target = patchify(imgs, patch_size)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
-    return target
+    """Patchified pixel targets, optionally normalised per patch (the paper's norm_pix_loss)."""
+    return PixelTarget(patch_size, imgs.shape[1], norm_pix)(imgs)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,26 +88,29 @@ def mae_loss(
     mask: torch.Tensor,
     latent: torch.Tensor,
     cfg: LossConfig,
-    patch_size: int,
+    target: Target,
     measure_unweighted: bool = True,
 ) -> LossTerms:
     """Combine the terms.
 
     A term with weight 0 adds nothing to the gradient; it is only computed (without
     gradient, for logging) when ``measure_unweighted`` -- the trainer asks on a
-    sample of steps, so logging the research terms costs almost nothing.
+    sample of steps, so logging the research terms costs almost nothing. The Laplacian
+    term compares images: the pixel targets' patches as they are, a PCA prediction mapped
+    back to pixels; a HOG target has none (the term is not measured).
     """
     # Every term in fp32, autocast or not: under bf16 autocast the Laplacian's convolution would run in
     # bf16 (0.0048 against 0.0036 in fp32 on the same input), and the terms would drift with the device.
     with torch.autocast(pred.device.type, enabled=False):
-        pred = pred.float()
-        target = patch_targets(imgs.float(), patch_size, cfg.norm_pix_loss)
-        total = mse = masked_mse(pred, target, mask.float())
+        pred, imgs = pred.float(), imgs.float()
+        total = mse = masked_mse(pred, target(imgs), mask.float())
         freq = unif = None
         if cfg.freq_weight > 0 or measure_unweighted:
-            with torch.set_grad_enabled(cfg.freq_weight > 0 and torch.is_grad_enabled()):
-                freq = masked_laplacian_l1(pred, target, mask.float(), patch_size, imgs.shape[1])
-            total = total + cfg.freq_weight * freq
+            images = target.as_images(pred, imgs)
+            if images is not None:
+                with torch.set_grad_enabled(cfg.freq_weight > 0 and torch.is_grad_enabled()):
+                    freq = masked_laplacian_l1(*images, mask.float(), target.patch_size, imgs.shape[1])
+                total = total + cfg.freq_weight * freq
         if cfg.unif_weight > 0 or measure_unweighted:
             with torch.set_grad_enabled(cfg.unif_weight > 0 and torch.is_grad_enabled()):
                 unif = uniformity(latent.float())

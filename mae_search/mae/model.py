@@ -111,13 +111,15 @@ class Block(nn.Module):
 class MAEOutput:
     """Everything one forward pass produces; the losses pick what they need."""
 
-    pred: torch.Tensor  # (B, N, p*p*C) predicted patches
+    pred: torch.Tensor  # (B, N, target dim) predicted patches: p*p*C pixels, or a PCA / HOG target's values
     mask: torch.Tensor  # (B, N), 1 = removed
     latent: torch.Tensor  # (B, 1 + kept, D) encoder output incl. CLS (1 + N with encoder_mask_token)
 
 
 class MaskedAutoencoderViT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """``target_dim``: values the decoder predicts per patch (default p*p*C pixels; see mae/targets.py)."""
+
+    def __init__(self, cfg: ModelConfig, target_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         p, c = cfg.patch_size, cfg.in_chans
@@ -142,7 +144,7 @@ class MaskedAutoencoderViT(nn.Module):
             Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
-        self.decoder_pred = nn.Linear(d, p * p * c)
+        self.decoder_pred = nn.Linear(d, target_dim or p * p * c)
         self._init_weights(grid)
 
     def _init_weights(self, grid: int) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from mae_search.config import TrainConfig
 from mae_search.mae.model import MAEEncoder, MaskedAutoencoderViT, encoder_state_dict
+from mae_search.mae.targets import target_dim
 from mae_search.search.tracking import TrackingError, client
 from mae_search.storage import Location
 from mae_search.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -29,7 +30,7 @@ def log_best_encoder(mlflow_client: Any, parent_id: str, trial_run_id: str | Non
         return
     state = load_checkpoint(Location.of(checkpoint_dir) / CHECKPOINT_FILE)
     cfg = TrainConfig.model_validate(state["config"])
-    model = MaskedAutoencoderViT(cfg.model)
+    model = MaskedAutoencoderViT(cfg.model, target_dim(cfg.loss, cfg.model))
     model.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(encoder_state_dict(model), Path(tmp) / "encoder.pt")
@@ -66,7 +67,7 @@ def load_encoder(run_id: str, tracking_uri: str, artifact_path: str = "best_enco
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client(tracking_uri).download_artifacts(run_id, artifact_path, tmp))
         cfg = TrainConfig.model_validate_json((local / "config.json").read_text())
-        model = MaskedAutoencoderViT(cfg.model)
+        model = MaskedAutoencoderViT(cfg.model, target_dim(cfg.loss, cfg.model))
         missing, unexpected = model.load_state_dict(torch.load(local / "encoder.pt", map_location="cpu"),
                                                     strict=False)
     if unexpected or any(not k.startswith(("decoder", "mask_token")) for k in missing):

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from mae_search.config import (
+    RENAMED,
     ConfigError,
     StrictModel,
     TrainConfig,
@@ -306,6 +307,9 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
                     detail = str(exc).removeprefix(": ")
                     raise ConfigError(f"{source}: dimensions.{key}.{variant}: {detail}") from None
             continue
+        if key in RENAMED:
+            raise ConfigError(f"{source}: dimensions.{key}: renamed to {RENAMED[key][0]} (norm_pix_loss true / false "
+                              "is loss.target norm_pix / pixel)")
         if key not in known or key == "seed":
             raise ConfigError(f"{source}: dimensions.{key}: unknown parameter (use seeds: for seeds)")
         for value in dim.probe_values():

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from mae_search.config import TrainConfig
+from mae_search.config import LossConfig, TrainConfig
+from mae_search.mae.targets import target_dim
 from mae_search.storage import Location
 
 FORMAT_VERSION = 1
@@ -59,4 +60,9 @@ def load_checkpoint(path: str | Path | Location, cfg: TrainConfig | None = None)
         if diff:
             details = ", ".join(f"{k}={saved.get(k)} (config has {wanted[k]})" for k in diff)
             raise CheckpointError(f"{path}: model does not match the config: {details}")
+        saved_loss = LossConfig.model_validate(state["config"].get("loss", {}))
+        if target_dim(saved_loss, cfg.model) != target_dim(cfg.loss, cfg.model) or saved_loss.target != cfg.loss.target:
+            raise CheckpointError(f"{path}: trained for loss.target {saved_loss.target} (its decoder predicts "
+                                  f"{target_dim(saved_loss, cfg.model)} values a patch); the config has "
+                                  f"{cfg.loss.target} ({target_dim(cfg.loss, cfg.model)})")
     return state

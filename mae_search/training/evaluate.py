@@ -33,9 +33,10 @@ from torch import nn
 from mae_search.config import EvalConfig, FinetuneConfig, ModelConfig
 from mae_search.data.memory import denormalize, normalize
 from mae_search.data.stream import Labelled, PreparedSet
-from mae_search.mae.losses import laplacian, masked_mse, patch_targets, pixel_mask
-from mae_search.mae.masking import patchify, unpatchify
+from mae_search.mae.losses import laplacian, masked_mse, pixel_mask
+from mae_search.mae.masking import unpatchify
 from mae_search.mae.model import MaskedAutoencoderViT, encoder_state_dict
+from mae_search.mae.targets import Target
 from mae_search.metrics import val_name
 from mae_search.training.finetune import finetune
 
@@ -219,39 +220,28 @@ def encoder_metrics(model: MaskedAutoencoderViT, train: Labelled, targets: dict[
 
 @torch.no_grad()
 def reconstruct(
-    model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, norm_pix: bool,
+    model: MaskedAutoencoderViT, images_u8: torch.Tensor, mask_ratio: float, target: Target,
     strategy: str = "random",
 ) -> dict[str, torch.Tensor]:
     """One masked forward pass on held-out images; the pieces every reconstruction metric needs.
 
-    Returns ``original`` (B, C, H, W in [0, 1]), ``recon`` (de-normalised with
-    visible-pixel statistics under norm-pix), ``recon_true_stats`` (with each
-    masked patch's true mean/variance), ``mask_px`` (B, 1, H, W) and
-    ``masked_mse`` (the training objective's MSE term on these images).
+    Returns ``original`` (B, C, H, W in [0, 1]), ``mask_px`` (B, 1, H, W), ``masked_mse`` (the
+    training objective's MSE term on these images) and, for a target with pixels, ``recon``
+    (de-normalised with visible-pixel statistics under norm-pix) and ``recon_true_stats`` (with each
+    masked patch's true mean/variance; a PCA prediction is mapped back through its basis).
     """
     model.eval()
     p, c = model.cfg.patch_size, model.cfg.in_chans
     imgs = normalize(images_u8)
     out = model(imgs, mask_ratio, strategy)  # the masks the trial trains with
     pred = out.pred.float()
-    mse = masked_mse(pred, patch_targets(imgs, p, norm_pix), out.mask)
-    true_pred = visible_pred = pred
-    if norm_pix:
-        target = patchify(imgs, p)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        true_pred = pred * (var + 1e-6).sqrt() + mean
-        visible = (1 - out.mask).unsqueeze(-1)
-        count = visible.sum(1, keepdim=True) * target.shape[-1]
-        v_mean = (target * visible).sum((1, 2), keepdim=True) / count
-        v_var = (((target - v_mean) ** 2) * visible).sum((1, 2), keepdim=True) / count
-        visible_pred = pred * (v_var + 1e-6).sqrt() + v_mean
-    return {
-        "original": images_u8.float() / 255.0,
-        "recon": denormalize(unpatchify(visible_pred, p, c)).clamp(0, 1),
-        "recon_true_stats": denormalize(unpatchify(true_pred, p, c)).clamp(0, 1),
-        "mask_px": pixel_mask(out.mask, p),
-        "masked_mse": mse,
-    }
+    rec = {"original": images_u8.float() / 255.0, "mask_px": pixel_mask(out.mask, p),
+           "masked_mse": masked_mse(pred, target(imgs), out.mask)}
+    if target.has_pixels:
+        true_pred, visible_pred = target.pixels(pred, imgs, out.mask)
+        rec["recon"] = denormalize(unpatchify(visible_pred, p, c)).clamp(0, 1)
+        rec["recon_true_stats"] = denormalize(unpatchify(true_pred, p, c)).clamp(0, 1)
+    return rec
 
 
 def _psnr(original: torch.Tensor, recon: torch.Tensor, mask_px: torch.Tensor) -> float:
@@ -260,12 +250,16 @@ def _psnr(original: torch.Tensor, recon: torch.Tensor, mask_px: torch.Tensor) ->
 
 
 def reconstruction_metrics(rec: dict[str, torch.Tensor], split: str = "test") -> dict[str, float]:
-    """Held-out masked MSE, the two PSNRs (dB) and the Laplacian L1 error, over removed pixels only."""
+    """Held-out masked MSE (in the target's space), and for a target with pixels the two PSNRs (dB) and
+    the Laplacian L1 error, over removed pixels only."""
+    mse = {split_key("test_mse", split): rec["masked_mse"].item()}
+    if "recon" not in rec:  # HOG: nothing to compare pixels with
+        return mse
     original, mask_px = rec["original"], rec["mask_px"]
     denom = (mask_px.sum() * original.shape[1]).clamp(min=1)
     hf = ((laplacian(rec["recon_true_stats"]) - laplacian(original)).abs() * mask_px).sum() / denom
     return {
-        split_key("test_mse", split): rec["masked_mse"].item(),
+        **mse,
         split_key("psnr", split): _psnr(original, rec["recon"], mask_px),
         split_key("psnr_true_stats", split): _psnr(original, rec["recon_true_stats"], mask_px),
         split_key("masked_hf_error", split): hf.item(),
@@ -320,7 +314,7 @@ def evaluate(
     targets: dict[str, Labelled],
     cfg: EvalConfig,
     mask_ratio: float,
-    norm_pix: bool,
+    target: Target,
     device: torch.device,
     seed: int = 0,
     strategy: str = "random",
@@ -338,7 +332,7 @@ def evaluate(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             sample = held_out_images(data)[:512].to(device)
-            metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, norm_pix, strategy), split))
+            metrics.update(reconstruction_metrics(reconstruct(model, sample, mask_ratio, target, strategy), split))
     return metrics
 
 

@@ -23,6 +23,7 @@ from mae_search.data.memory import augment
 from mae_search.mae.losses import mae_loss
 from mae_search.mae.masking import scheduled_mask_ratio
 from mae_search.mae.model import MaskedAutoencoderViT
+from mae_search.mae.targets import PCATarget, Target, make_target, target_dim
 from mae_search.training.checkpoint import load_checkpoint, save_checkpoint
 from mae_search.training.evaluate import evaluate, finetune_metrics, has_labels, reconstruct, save_reconstruction_grid
 from mae_search.training.schedule import lr_at
@@ -30,6 +31,8 @@ from mae_search.training.schedule import lr_at
 EpochCallback = Callable[[int, dict[str, float], "Trainer"], None]
 # Unweighted loss terms are measured (for logging) on one step in this many.
 MEASURE_EVERY = 8
+# The PCA basis's sample of training images is drawn as the images of this epoch, one no run reaches.
+PCA_SAMPLE_EPOCH = 2**31 - 1
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -76,13 +79,14 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.device = device or resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.model = MaskedAutoencoderViT(cfg.model).to(self.device)
+        self.model = MaskedAutoencoderViT(cfg.model, target_dim(cfg.loss, cfg.model)).to(self.device)
         self.wrap_model = wrap_model
         self.train_model: nn.Module = wrap_model(self.model) if wrap_model else self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         data = data or load_data(cfg.data, cfg.model, seed=cfg.seed)
         self.data = dataclasses.replace(data, pretrain=data.pretrain.to(self.device))
+        self.target = self.make_target()
         self.steps_per_epoch = len(data.pretrain) // world_size // cfg.batch_size // cfg.optim.accum_iter
         effective_batch = cfg.batch_size * world_size * cfg.optim.accum_iter
         self.base_lr = cfg.optim.blr * effective_batch / 256
@@ -92,11 +96,32 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.step_log: list[dict[str, float]] = []  # per optimisation step: mask ratio and lr in force
 
+    def make_target(self, fitted: dict[str, torch.Tensor] | None = None) -> Target:
+        """The reconstruction target; a PCA basis is ``fitted`` (from a checkpoint) or fitted now on a sample
+        of this run's training patches, drawn from the seed alone (every rank draws the same sample)."""
+        loss, model = self.cfg.loss, self.cfg.model
+        pca = None
+        if loss.target == "pca":
+            if fitted is None:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + 7)
+                per_image = (model.img_size // model.patch_size) ** 2
+                count = min(len(self.data.pretrain), -(-loss.pca_patches // per_image))
+                [(images_u8, _, uniforms)] = self.data.pretrain.shuffled(count, 1, gen, self.cfg.seed,
+                                                                          PCA_SAMPLE_EPOCH, self.device, 0, 1)
+                imgs = augment(images_u8, uniforms, self.cfg.data.augment, self.cfg.data.crop_scale,
+                               self.cfg.data.hflip)
+                fitted = PCATarget.fit(imgs, model.patch_size, loss.pca_components, loss.pca_patches,
+                                       gen).state_dict()
+            pca = (fitted["mean"].to(self.device), fitted["basis"].to(self.device))
+        return make_target(loss.target, model.patch_size, model.in_chans, hog_cells=loss.hog_cells,
+                           hog_bins=loss.hog_bins, pca=pca)
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.cfg.model_dump(mode="json"),
+            "target": self.target.state_dict(),  # a PCA basis: the run's own, kept with it
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -105,6 +130,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("target"):
+            self.target = self.make_target(state["target"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -133,7 +160,7 @@ class Trainer:
         """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             out = self.train_model(imgs, ratio, self.cfg.masking.strategy)
-            terms = mae_loss(imgs, out.pred, out.mask, out.latent, self.cfg.loss, self.cfg.model.patch_size,
+            terms = mae_loss(imgs, out.pred, out.mask, out.latent, self.cfg.loss, self.target,
                              measure_unweighted=measure)
         (terms.total / self.cfg.optim.accum_iter).backward()
         if update:
@@ -202,7 +229,7 @@ class Trainer:
         if self.rank == 0:
             metrics.update(evaluate(
                 self.model, train, targets, self.cfg.eval,
-                self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss, self.device, self.cfg.seed,
+                self.cfg.masking.mask_ratio, self.target, self.device, self.cfg.seed,
                 strategy=self.cfg.masking.strategy,
             ))  # reconstruction at the target ratio, mid-curriculum too: comparable with a run without one
         if has_labels(train):
@@ -219,10 +246,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed)
             images = self.data.test.images[:n].to(self.device)
-            rec = reconstruct(self.model, images, self.cfg.masking.mask_ratio, self.cfg.loss.norm_pix_loss,
+            rec = reconstruct(self.model, images, self.cfg.masking.mask_ratio, self.target,
                               self.cfg.masking.strategy)
         self.model.train()
-        return save_reconstruction_grid(rec["original"], rec["recon_true_stats"], rec["mask_px"], path)
+        # A HOG target has no pixels: the grid shows the images and their masks only.
+        recon = rec.get("recon_true_stats", rec["original"] * (1 - rec["mask_px"]) + 0.5 * rec["mask_px"])
+        return save_reconstruction_grid(rec["original"], recon, rec["mask_px"], path)
 
     def fit(self, on_epoch_end: EpochCallback | None = None) -> list[dict[str, float]]:
         """Run the remaining epochs; returns the full per-epoch history (including resumed epochs)."""
