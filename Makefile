@@ -18,9 +18,9 @@ search: install
 
 test: install
 	$(VENV)/bin/ruff check mae_search tests benchmarks
-	# Two at a time: much of an end-to-end test waits on process start-up. The tests marked serial (`ray start` /
-	# `ray stop --force` act on every Ray process of the machine; a 2-worker DDP run needs both cores) run after,
-	# alone. --durations: where the time goes.
+	# Two at a time: much of an end-to-end test waits on process start-up. The test marked serial (a 2-worker DDP
+	# run: its workers spin in gloo's collectives and need both cores) runs after, alone. --durations: where the
+	# time goes.
 	$(VENV)/bin/pytest -n 2 --dist worksteal -m "not serial" --durations=30
 	$(VENV)/bin/pytest -m serial --durations=5
 

@@ -41,6 +41,7 @@ def micro_cfg() -> TrainConfig:
 
 # ----------------------------------------------------------------------------- end-to-end helpers
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -135,3 +136,44 @@ def descendants_titled(pid: int, title: str) -> list[int]:
             return ""
 
     return [p.pid for p in psutil.Process(pid).children(recursive=True) if cmdline(p).startswith(title)]
+
+
+def start_ray_head(*extra: str, dashboard_port: int | None = None, env: dict[str, str] | None = None
+                   ) -> tuple[int, str]:
+    """`ray start --head` on ports of its own (GCS, dashboard, its agent, the client server), so it can run
+    beside the other tests' Ray instances; returns its GCS port and its address (``ip:port``)."""
+    import re
+
+    port = free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    started = subprocess.run(
+        [ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port or free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}", "--num-cpus=2",
+         *extra], capture_output=True, text=True, timeout=180, env=env)
+    assert started.returncode == 0, started.stderr[-2000:]
+    address = re.search(r"ray start --address='([^']+)'", started.stdout + started.stderr)
+    assert address, started.stdout[-2000:]
+    return port, address.group(1)
+
+
+def stop_ray_head(port: int) -> None:
+    """Kill the processes of the Ray cluster whose GCS listens on ``port``, and everything they started
+    (workers, agents, a job's driver), and nothing else: `ray stop --force` would take down every test's
+    Ray instance on the machine."""
+    import psutil
+
+    def of_this_cluster(args: list[str]) -> bool:
+        return any(a == f"--gcs_server_port={port}" or (a.startswith(("--gcs-address=", "--address="))
+                                                         and a.endswith(f":{port}")) for a in args)
+
+    ours = []
+    for proc in psutil.process_iter():
+        try:
+            if of_this_cluster(proc.cmdline()):
+                ours += [proc, *proc.children(recursive=True)]
+        except psutil.Error:  # it ended while we looked
+            continue
+    for proc in ours:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(ours, timeout=30)

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from mae_search.search.results import read_results
-from tests.conftest import cli_popen, free_port, micro_space
+from tests.conftest import cli_popen, free_port, micro_space, start_ray_head, stop_ray_head
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # ray start / ray stop --force
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def readme_job_command() -> str:
@@ -30,17 +29,12 @@ def test_search_submitted_as_a_ray_job_with_readmes_command(tmp_path):
     a micro space and temporary storage): the job succeeds and leaves its table and MLflow runs."""
     import mlflow
 
-    # Its own agent port too: the default (52365) may still be held by the agent of a Ray instance that is
-    # going away, and an agent that cannot bind it serves no job ("No available agent to submit job").
-    port, dashboard, agent = free_port(), free_port(), free_port()
     # The head runs in the project's environment (activated, as on a cluster node), so a job's `python` has
-    # the dependencies; the job brings only the code.
+    # the dependencies; the job brings only the code. Its ports are its own (see start_ray_head): the default
+    # agent port may still be held by an instance going away, and then no job is ever accepted.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    started = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                              f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--include-dashboard=true"],
-                             capture_output=True, text=True,
-                             timeout=180, env=env)
-    assert started.returncode == 0, started.stderr[-2000:]
+    dashboard = free_port()
+    port, _ = start_ray_head("--include-dashboard=true", dashboard_port=dashboard, env=env)
     try:
         space = micro_space(tmp_path, "job", "dimensions:\n  masking.mask_ratio: {grid: [0.6, 0.75]}\n"
                                              "metric: loss\nmode: min\nscheduler: {type: none}\n", epochs=2)
@@ -69,7 +63,7 @@ def test_search_submitted_as_a_ray_job_with_readmes_command(tmp_path):
                   if t.get("mae_search.kind") != "search" and t.get("mae_search.status") != "reference"}
         assert trials == set(df["trial_id"]) and all(r.info.status == "FINISHED" for r in runs)
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        stop_ray_head(port)
 
 
 TWO_TRIALS = """

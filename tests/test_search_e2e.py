@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from mae_search.search.results import read_results
-from tests.conftest import ASHA_BLR_BODY, cli, cli_popen, descendants_titled, free_port, micro_space
+from tests.conftest import (
+    ASHA_BLR_BODY,
+    cli,
+    cli_popen,
+    descendants_titled,
+    micro_space,
+    start_ray_head,
+    stop_ray_head,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -143,37 +151,33 @@ resources: {workers: 2, cpus_per_worker: 1}
     assert (df["epoch_time_s"] * df["throughput_img_s"]).round().eq(512).all()
 
 
-@pytest.mark.serial  # ray start / ray stop --force act on every Ray process of the machine
-def test_search_joins_an_existing_cluster(tmp_path):
+def test_search_joins_an_existing_cluster(tmp_path, monkeypatch):
     """`--address` joins a cluster started with `ray start`, which outlives the search."""
     import subprocess
     import sys
 
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    port = free_port()
-    started = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2"],
-                             capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr[-2000:]
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a client of a cluster sends its token (README)
+    port, address = start_ray_head()
     try:
         # As a Ray Train run: on a cluster's node its process group is Ray Train's own (see mae_search.search.ddp).
         space = micro_space(tmp_path, "joined", "dimensions: {}\nmetric: loss\nmode: min\nscheduler: {type: none}\n"
                             "resources: {runner: ray_train}\n", epochs=1)
-        out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", "auto", "--no-mlflow")
-        assert "Ray: joined the cluster at auto (1 node(s), 2 CPU, 0 GPU)" in out.stdout
+        out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--address", address, "--no-mlflow")
+        assert f"Ray: joined the cluster at {address} (1 node(s), 2 CPU, 0 GPU)" in out.stdout
         assert (read_results(tmp_path / "results" / "joined")["status"] == "completed").all()
         # On a cluster the data path is checked where the trials run, by the reference rows that come first:
         # a missing one stops the search with one line before any trial starts (and is not retried).
-        bad = cli("search", str(space), "--storage", str(tmp_path / "results2"), "--address", "auto", "--no-mlflow",
+        bad = cli("search", str(space), "--storage", str(tmp_path / "results2"), "--address", address, "--no-mlflow",
                   "--set", "data.dataset=cifar10", "--set", "data.path=/nonexistent-mae-search", check=False)
         errors = [line for line in bad.stdout.splitlines() if line.startswith("error:")]
         assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stdout[-2000:]
         assert errors == [f"error: {space}: search 'joined': on the cluster, cifar10: data path "
                           "/nonexistent-mae-search does not exist or is not a directory"]
-        probe = "import ray; ray.init(address='auto'); print(ray.cluster_resources()['CPU'])"
+        probe = f"import ray; ray.init(address={address!r}); print(ray.cluster_resources()['CPU'])"
         still_up = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert still_up.stdout.strip().endswith("2.0")  # the search left the cluster running
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        stop_ray_head(port)
 
 
 SEED_AVERAGED_BODY = """
