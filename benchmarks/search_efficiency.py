@@ -1,12 +1,15 @@
-"""Search efficiency: the same small Optuna search with ASHA and without, and Ray's per-trial overhead.
+"""Search efficiency: random search, TPE and TPE + ASHA at the same trial budget, repeated; and Ray's
+per-trial overhead.
 
-Both searches run in one local Ray instance, one after the other, with the same
-TPE seed and the same two known configurations first. Reported: wall time and
-CPU-seconds (trial time x CPUs per trial) as ratios, the best metric each found,
-and the per-trial overhead: a trial's time as Tune measures it minus a bare
-in-process run of the same configuration (Trainer.fit, no Ray).
+Each search runs the same small space (mask ratio and learning rate of the tiny model) for the same
+number of trials, selecting on the validation linear probe; a repeat is a whole search under another
+seed (the sampler's and the trials'). All searches share one local Ray instance, one after another.
+Reported per variant, over the repeats: the best validation objective reached (mean ± std), the test
+probe of the trial it selected, and the compute spent (CPU-seconds: trial time x CPUs per trial; wall
+time) as ratios to random search. Then the per-trial overhead: a trial's time as Tune measures it minus a
+bare in-process run of the same configuration (Trainer.fit, no Ray).
 
-    python -m benchmarks.search_efficiency
+    python -m benchmarks.search_efficiency [--trials 8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import ray
 import torch
 
@@ -33,19 +38,47 @@ SPACE = {
              "data": {"num_train": 1024, "num_test": 256},
              "eval": {"probe": {"epochs": 10}, "finetune": {"at": "never"}}},
     "dimensions": {"optim.blr": {"loguniform": [1.0e-5, 2.0e-2]}, "masking.mask_ratio": {"uniform": [0.5, 0.9]}},
-    "initial_points": [{"optim.blr": 5.0e-3, "masking.mask_ratio": 0.75},
-                       {"optim.blr": 2.0e-5, "masking.mask_ratio": 0.75}],
-    "metric": "loss", "mode": "min", "sampler": "tpe", "max_concurrent_trials": 2,
+    "metric": "val_linear_probe_acc", "mode": "max", "max_concurrent_trials": 2,
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }
+ASHA = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+VARIANTS = {"random search": ("random", {"type": "none"}), "TPE": ("tpe", {"type": "none"}),
+            "TPE + ASHA (grace 1, reduction 2)": ("tpe", ASHA)}
 
 
-def search(name: str, scheduler: dict, trials: int, storage: Path) -> tuple[float, object]:
-    space = parse_search_space({**SPACE, "name": name, "num_samples": trials, "scheduler": scheduler}, name)
+def search(name: str, sampler: str, scheduler: dict, trials: int, seed: int, storage: Path
+           ) -> tuple[float, pd.DataFrame]:
+    space = parse_search_space({**SPACE, "name": name, "sampler": sampler, "num_samples": trials,
+                                "scheduler": scheduler, "seeds": [seed]}, name)
     callback = ResultsTableCallback(storage / name, space.base.epochs, space)
     start = time.perf_counter()
-    tune_search(space, Path(storage) / space.name, callbacks=[callback])
+    tune_search(space, Path(storage) / space.name, callbacks=[callback], notify=lambda _: None)
     return time.perf_counter() - start, final_rows(read_results(storage / name))
+
+
+def outcome(wall: float, final: pd.DataFrame) -> dict[str, float]:
+    """What one search reached and spent: its best validation probe, the test probe of that trial."""
+    best = final.loc[final["val_linear_probe_acc"].idxmax()]
+    return {"best_val": 100 * best["val_linear_probe_acc"], "test_of_best": 100 * best["linear_probe_acc"],
+            "cpu_s": float(final["trial_time_s"].sum()), "wall_s": wall,
+            "stopped": int((final["status"] == "stopped_early").sum())}
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def efficiency_table(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    base_cpu, base_wall = (np.mean([r[k] for r in runs["random search"]]) for k in ("cpu_s", "wall_s"))
+    lines = ["| search | best val LP (%) | its test LP (%) | CPU-seconds ratio | wall time ratio | stopped early |",
+             "|---|---|---|---|---|---|"]
+    for variant, results in runs.items():
+        lines.append(f"| {variant} | {mean_std([r['best_val'] for r in results])} | "
+                     f"{mean_std([r['test_of_best'] for r in results])} | "
+                     f"{np.mean([r['cpu_s'] for r in results]) / base_cpu:.2f} | "
+                     f"{np.mean([r['wall_s'] for r in results]) / base_wall:.2f} | "
+                     f"{sum(r['stopped'] for r in results)} |")
+    return lines
 
 
 def bare_run(config_json: str) -> float:
@@ -59,34 +92,30 @@ def bare_run(config_json: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with loopback_node():  # as a search's own local instance
         ray.init(num_cpus=2, configure_logging=False)
+    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        storage = Path(tmp)
-        asha_wall, asha = search("eff-asha", {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                                 args.trials, storage)
-        full_wall, full = search("eff-full", {"type": "none"}, args.trials, storage)
+        for seed in range(args.repeats):
+            for i, (variant, (sampler, scheduler)) in enumerate(VARIANTS.items()):
+                wall, final = search(f"eff-{i}-seed{seed}", sampler, scheduler, args.trials, seed, Path(tmp))
+                runs[variant].append(outcome(wall, final))
+                if seed == 0 and variant == "TPE":
+                    done = final[final["status"] == "completed"].sort_values("trial_id").head(3)
+                print(variant, seed, runs[variant][-1], flush=True)
     ray.shutdown()
-    cpu_s = {k: float(df["trial_time_s"].sum()) for k, df in (("asha", asha), ("full", full))}
-    done = full[full["status"] == "completed"].sort_values("trial_id").head(3)
-    overheads = []
-    for _, row in done.iterrows():
-        bare = bare_run(row["config_json"])
-        overheads.append((row["trial_time_s"], bare))
-    stopped = int((asha["status"] == "stopped_early").sum())
+    overheads = [(row["trial_time_s"], bare_run(row["config_json"])) for _, row in done.iterrows()]
     lines = [
-        "## Search efficiency (ASHA vs none) and per-trial Ray overhead",
+        "## Search efficiency: random search, TPE, TPE + ASHA; per-trial Ray overhead",
         "",
-        f"Machine: {machine()}. Local Ray with 2 CPUs, {args.trials} Optuna (TPE) trials of the tiny model "
-        "(4 epochs, 1024 images, 1 CPU per trial, 2 at a time), objective min loss; one run of "
-        "`python -m benchmarks.search_efficiency`.",
+        f"Machine: {machine()}. Local Ray with 2 CPUs; each search {args.trials} trials of the tiny model over "
+        "mask ratio and learning rate (4 epochs, 1,024 images, 1 CPU per trial, 2 at a time), selecting on "
+        f"the validation probe; {args.repeats} repeats, each a whole search under another seed (sampler and "
+        "trials); one run of `python -m benchmarks.search_efficiency`. Ratios are to random search's mean.",
         "",
-        "| search | wall time ratio | CPU-seconds ratio | trials stopped early | best loss |",
-        "|---|---|---|---|---|",
-        f"| no scheduler (every trial to the end) | 1.00 | 1.00 | 0 | {full['loss'].min():.4f} |",
-        f"| ASHA (grace 1, reduction 2) | {asha_wall / full_wall:.2f} | {cpu_s['asha'] / cpu_s['full']:.2f} | "
-        f"{stopped} | {asha.loc[asha['status'] == 'completed', 'loss'].min():.4f} |",
+        *efficiency_table(runs),
         "",
         "Per-trial Ray overhead (trial time in Tune minus a bare `Trainer.fit` of the same config on 1 thread):",
         "",

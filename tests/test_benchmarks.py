@@ -126,3 +126,24 @@ def test_phase_clock_takes_nested_phases_out_of_the_outer_one():
 
     assert clock.wrap("evaluate", outer)() == "done"
     assert dict(clock.seconds) == {"probe": 4.5, "evaluate": 5.5}
+
+
+def test_search_efficiency_table_compares_each_variant_with_random_search_over_its_repeats():
+    import pandas as pd
+
+    from benchmarks.search_efficiency import efficiency_table, outcome
+
+    def final(vals, tests, times, stopped=0):
+        return pd.DataFrame({"val_linear_probe_acc": vals, "linear_probe_acc": tests, "trial_time_s": times,
+                             "status": ["stopped_early"] * stopped + ["completed"] * (len(vals) - stopped)})
+
+    runs = {
+        "random search": [outcome(100.0, final([0.30, 0.35], [0.31, 0.33], [40.0, 60.0])),
+                          outcome(120.0, final([0.40, 0.20], [0.38, 0.22], [50.0, 50.0]))],
+        "TPE + ASHA": [outcome(50.0, final([0.42, 0.10], [0.41, 0.12], [40.0, 10.0], stopped=1)),
+                       outcome(60.0, final([0.25, 0.44], [0.20, 0.43], [20.0, 30.0], stopped=1))],
+    }
+    rows = efficiency_table(runs)[2:]
+    # Best val of each repeat (35, 40 and 42, 44): the mean ± sample std; the test probe of the trial picked.
+    assert rows[0] == "| random search | 37.5 ± 3.5 | 35.5 ± 3.5 | 1.00 | 1.00 | 0 |"
+    assert rows[1] == "| TPE + ASHA | 43.0 ± 1.4 | 42.0 ± 1.4 | 0.50 | 0.50 | 2 |"
