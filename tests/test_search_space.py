@@ -93,10 +93,17 @@ def test_seeds_multiply_grid_and_param_space(tmp_path):
         load_search_space(write(tmp_path, optuna))
 
 
-def test_asha_needs_per_epoch_evaluation(tmp_path):
-    text = VALID.replace("base: {epochs: 3}", "base: {epochs: 3, eval: {every_epochs: 2}}")
-    with pytest.raises(ConfigError, match="every_epochs must be 1"):
+def test_asha_needs_an_evaluation_at_every_rung(tmp_path):
+    """ASHA compares the metric at epochs grace x factor^k: evaluating every 2 epochs serves grace 2 (rungs
+    2, 4, ...), not grace 1 or 3, nor a factor of 1.5 (rung 3)."""
+    text = VALID.replace("base: {epochs: 3}", "base: {epochs: 8, eval: {every_epochs: 2}}")
+    with pytest.raises(ConfigError, match="every_epochs 2 must divide scheduler.grace_period 1"):
         load_search_space(write(tmp_path, text))
+    for scheduler in ("{grace_period: 3}", "{grace_period: 2, reduction_factor: 1.5}"):
+        with pytest.raises(ConfigError, match="each of which must be evaluated"):
+            load_search_space(write(tmp_path, text + f"scheduler: {scheduler}\n"))
+    space = load_search_space(write(tmp_path, text + "scheduler: {grace_period: 2, reduction_factor: 2}\n"))
+    assert space.base.eval.every_epochs == 2
 
 
 def test_overrides_apply_to_base(tmp_path):
@@ -268,3 +275,27 @@ def test_a_space_without_dimensions_says_it_runs_the_base_configuration(tmp_path
                                    "(the space has no dimensions)")
     one = load_search_space(write(tmp_path, VALID.replace("[0.5, 0.75]", "[0.5]")))
     assert plan_sentence(one) == "1 trial (grid, scheduler asha)"
+
+
+def test_optuna_is_told_the_evaluated_epochs_only():
+    """Between evaluations (eval.every_epochs > 1) an epoch reports no metric: Ray's OptunaSearch fails on
+    it (KeyError in the driver); the project's passes Optuna the evaluated epochs."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mae_search.search.strategy import EvaluatedEpochsOptuna
+
+    def searcher(cls):
+        s = cls(space={"x": tune.uniform(0, 1)}, metric="val_linear_probe_acc", mode="max",
+                sampler=optuna.samplers.RandomSampler(seed=0))
+        s.suggest("t1")
+        return s
+
+    with pytest.raises(KeyError):
+        searcher(OptunaSearch).on_trial_result("t1", {"training_iteration": 1, "loss": 0.9})
+    ours = searcher(EvaluatedEpochsOptuna)
+    ours.on_trial_result("t1", {"training_iteration": 1, "loss": 0.9})
+    ours.on_trial_result("t1", {"training_iteration": 2, "loss": 0.8, "val_linear_probe_acc": 0.31})
+    trial = ours._ot_trials["t1"]
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {2: 0.31}

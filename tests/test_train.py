@@ -270,3 +270,15 @@ def test_pre_training_uses_the_configured_augmentation(micro_cfg, monkeypatch, k
     cfg = micro_cfg.with_overrides({"data.augment": kind, "epochs": 1, "eval.finetune.at": "never"})
     Trainer(cfg).train_one_epoch()
     assert used and set(used) == {kind}
+
+
+def test_evaluating_every_other_epoch_gives_the_same_numbers_at_the_evaluated_epochs(micro_cfg):
+    """Fewer evaluations (eval.every_epochs 2: what ASHA's rungs at 2, 4, ... need) change nothing measured:
+    training draws nothing from the evaluation, so epoch 2's loss, probe, k-NN and reconstruction are the
+    same as with an evaluation every epoch."""
+    cfg = micro_cfg.with_overrides({"epochs": 2, "eval.finetune.at": "never"})
+    every = Trainer(cfg).fit()
+    other = Trainer(cfg.with_overrides({"eval.every_epochs": 2})).fit()
+    assert "val_linear_probe_acc" in every[0] and "val_linear_probe_acc" not in other[0]
+    keys = ["loss", "val_linear_probe_acc", "val_knn_acc", "linear_probe_acc", "knn_acc", "psnr", "test_mse"]
+    assert {k: other[1][k] for k in keys} == {k: every[1][k] for k in keys}

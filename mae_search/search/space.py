@@ -351,9 +351,14 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(f"{source}: initial_points: only for Optuna searches (a grid runs every value anyway)")
     _check_selection_split(space, source)
     evaluated = BY_NAME[space.primary.metric].source == "eval"
-    if evaluated and space.scheduler.type == "asha" and base.eval.every_epochs != 1:
+    every, sched = base.eval.every_epochs, space.scheduler
+    rungs_evaluated = sched.grace_period % every == 0 and float(sched.reduction_factor).is_integer()
+    if evaluated and sched.type == "asha" and not rungs_evaluated:
+        # ASHA compares the metric at epochs grace x factor^k: each must be an evaluation epoch.
         raise ConfigError(
-            f"{source}: base.eval.every_epochs must be 1 when ASHA decides on '{space.primary.metric}' every epoch"
+            f"{source}: base.eval.every_epochs {every} must divide scheduler.grace_period {sched.grace_period} "
+            f"(and scheduler.reduction_factor be a whole number): ASHA compares '{space.primary.metric}' at "
+            "epochs grace_period x reduction_factor^k, each of which must be evaluated"
         )
     for objective in space.objectives:
         variant = BY_NAME[objective.metric].source

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from mae_search.search.search_dir import SearchDir
 from mae_search.search.space import SearchSpace
@@ -74,8 +75,6 @@ def make_searcher(space: SearchSpace, search_dir: str | Path | Location | Search
         return None
     import optuna
     from optuna.storages import RDBStorage
-    from ray.tune.search.optuna import OptunaSearch
-
     search_dir = SearchDir.at(search_dir)
     search_dir.optuna_db.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study/trial on the terminal
@@ -83,8 +82,22 @@ def make_searcher(space: SearchSpace, search_dir: str | Path | Location | Search
                   study_name=space.name, storage=RDBStorage(search_dir.optuna_url))
     objectives = space.objectives
     if len(objectives) == 1:
-        return OptunaSearch(**common)  # metric/mode come from TuneConfig for a single objective.
-    return OptunaSearch(**common, metric=[o.metric for o in objectives], mode=[o.mode for o in objectives])
+        return EvaluatedEpochsOptuna(**common)  # metric/mode come from TuneConfig for a single objective.
+    return EvaluatedEpochsOptuna(**common, metric=[o.metric for o in objectives], mode=[o.mode for o in objectives])
+
+
+class EvaluatedEpochsOptuna(OptunaSearch):
+    """OptunaSearch that hands Optuna the epochs that were evaluated only.
+
+    With ``eval.every_epochs`` above 1 the epochs between evaluations report no
+    metric; Ray's OptunaSearch would fail on them (a KeyError in the driver),
+    where they simply have nothing to tell the sampler.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(m in result for m in metrics):
+            super().on_trial_result(trial_id, result)
 
 
 class PersistentASHA(ASHAScheduler):
