@@ -114,6 +114,17 @@ def breakdown(cfg: Any) -> dict[str, float]:
     return {"total": total, **shares}
 
 
+def earlier_rows(rewritten: set[str]) -> list[str]:
+    """The section's table rows from earlier runs (other trials or labels: before / after), less those this
+    run writes again (matched by their first cell)."""
+    from benchmarks.common import RESULTS
+
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    section = text.partition("<!-- trial-breakdown:begin -->")[2].partition("<!-- trial-breakdown:end -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| trial |")]
+    return [row for row in rows if row.split("|")[1].strip() not in rewritten]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="quickstart,tiny,stl10")
@@ -126,21 +137,24 @@ def main() -> None:
         f"Machine: {machine()}. `python -m benchmarks.trial_breakdown`: one seed of a trial run in-process as a "
         "search's seed task runs it (checkpoint after every epoch, torch on 1 thread as a 1-CPU trial), each "
         "phase timed exclusively. Evaluation = features + probe + k-NN + reconstruction + fine-tuning. Ray's "
-        "per-trial cost (about 1.4 s for a Tune trial with a Ray task) is in the trial-overhead section.\n",
+        "per-trial cost (about 1.4 s for a Tune trial with a Ray task) is in the trial-overhead section. A row's "
+        "label names the run it comes from (`--label`; `after`: the quickstart evaluated at its ASHA rungs and "
+        "the end only); rows without one are the first run.\n",
         "| trial | wall (s) | " + " | ".join(PHASES) + " | evaluation |",
         "|---|---|" + "---|" * (len(PHASES) + 1),
     ]
+    label = f" {args.label}" if args.label else ""
+    lines += earlier_rows({key + label for key in chosen})
     notes = []
     for key, (what, cfg) in configurations().items():
+        notes.append(f"- {key}: {what}.")
         if key not in chosen:
             continue
         row = breakdown(cfg)
         total = row["total"]
         evaluation = sum(row.get(p, 0.0) for p in EVALUATION) / total
         cells = " | ".join(f"{100 * row.get(p, 0.0) / total:.0f} %" for p in PHASES)
-        lines.append(f"| {key}{' ' + args.label if args.label else ''} | {total:.0f} | {cells} | "
-                     f"**{100 * evaluation:.0f} %** |")
-        notes.append(f"- {key}: {what}.")
+        lines.append(f"| {key}{label} | {total:.0f} | {cells} | **{100 * evaluation:.0f} %** |")
         print(lines[-1], flush=True)
     write_section("trial-breakdown", "\n".join(lines + [""] + notes) + "\n")
 

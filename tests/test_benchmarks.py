@@ -147,3 +147,15 @@ def test_search_efficiency_table_compares_each_variant_with_random_search_over_i
     # Best val of each repeat (35, 40 and 42, 44): the mean ± sample std; the test probe of the trial picked.
     assert rows[0] == "| random search | 37.5 ± 3.5 | 35.5 ± 3.5 | 1.00 | 1.00 | 0 |"
     assert rows[1] == "| TPE + ASHA | 43.0 ± 1.4 | 42.0 ± 1.4 | 0.50 | 0.50 | 2 |"
+
+
+def test_trial_breakdown_keeps_the_rows_of_earlier_runs_it_does_not_rewrite(tmp_path, monkeypatch):
+    import benchmarks.common as common
+    from benchmarks.trial_breakdown import earlier_rows
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("<!-- trial-breakdown:begin -->\n| trial | wall (s) |\n|---|---|\n| quickstart | 115 |\n"
+                       "| tiny | 224 |\n| quickstart after | 99 |\n<!-- trial-breakdown:end -->\n")
+    monkeypatch.setattr(common, "RESULTS", results)
+    assert earlier_rows({"quickstart after"}) == ["| quickstart | 115 |", "| tiny | 224 |"]
+    assert earlier_rows({"tiny", "quickstart"}) == ["| quickstart after | 99 |"]
