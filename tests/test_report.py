@@ -395,3 +395,39 @@ def test_importance_falls_back_to_the_last_common_rung(tmp_path):
     section = md.split("## Parameter importances")[1].split("\n\n")[1]
     assert section == ("Too few trials to rank parameters: importances need at least 10 trials measured at a "
                        "common epoch (this search has 9) and 2 searched parameters.")
+
+
+TARGET_SPACE = """
+name: fixture-targets
+base: {epochs: 1, model: {patch_size: 4}, loss: {pca_components: 6}}
+dimensions:
+  loss.target: {grid: [norm_pix, hog]}
+factor: loss.target
+baseline: norm_pix
+metric: linear_probe_acc
+select_on: test
+mode: max
+scheduler: {type: none}
+"""
+
+
+def test_a_reconstruction_target_table_says_its_losses_do_not_compare_across_rows(tmp_path):
+    space, _, search_dir = new_search(tmp_path, TARGET_SPACE)
+    table = ResultsTableCallback(search_dir, 1, space)
+    table.setup()
+    for i, (target, seed) in enumerate((t, s) for s in (0, 1) for t in ("norm_pix", "hog")):
+        trial = FakeTrial(f"t{i}", {"loss.target": target, "seed": seed})
+        table.on_trial_result(0, [], trial, {
+            "epoch": 1, "training_iteration": 1, "config": trial.config, "linear_probe_acc": 0.3 + 0.02 * i,
+            "test_mse": {"norm_pix": 0.4, "hog": 0.05}[target] + 0.01 * seed,
+            **({"psnr": 18.0 + seed} if target == "norm_pix" else {})})
+        table.on_trial_complete(0, [], trial)
+    table.on_experiment_end([])
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    rows = ablation_rows(md)
+    assert "not comparable across rows" in md
+    assert rows["hog"][1] == "2" and "-" in rows["hog"]  # no PSNR for HOG
+    # A mask-ratio ablation has no such caveat.
+    search_dir, _ = record(tmp_path / "ratio", with_mlflow=False)
+    assert "not comparable across rows" not in write_report([load_from_dir(search_dir)], tmp_path / "o2",
+                                                            "cmd").read_text()

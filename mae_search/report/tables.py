@@ -35,7 +35,7 @@ from mae_search.report.stats import (
     reference_margins,
     separable_best,
 )
-from mae_search.search.record import Status
+from mae_search.search.record import PARAM_PREFIX, Status
 from mae_search.search.results import final_rows, reference_rows
 from mae_search.search.space import SearchSpace
 
@@ -123,6 +123,9 @@ def ablation_table(space: SearchSpace, table: pd.DataFrame, report: Report, cols
                "evaluation of each seed's untrained encoder (fine-tuning it is training from scratch) and of raw "
                "pixels. Bold: the setting whose paired (by seed) 95% interval against every other setting "
                "excludes zero in its favour. Δ: paired by seed against the baseline, mean with 95% t-interval.")
+    if f"{PARAM_PREFIX}loss.target" in cols:  # the rows' losses are in different spaces
+        caption += (" Held-out masked MSE is each row's own target (pixels, normalised pixels, PCA coefficients or "
+                    "HOG), not comparable across rows; PSNR compares pixels (a HOG target has none).")
     evaluated, mismatch = evaluation_sets(pd.concat([done, refs]))
     quality = tuple(2 + k for k, m in enumerate(metrics) if m.source != "time" and not m.name.endswith("_time_s"))
     report.table(Table(name, headers, rows, None if best is None else first_setting + best,
