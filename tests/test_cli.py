@@ -111,3 +111,25 @@ def test_resume_hint_repeats_every_flag_on_one_line():
     narrow = io.StringIO()
     Console(file=narrow, width=40).print(command, soft_wrap=True, highlight=False, markup=False)
     assert narrow.getvalue() == command + "\n"
+
+
+def test_search_passes_fresh_references_to_the_search(tmp_path, monkeypatch):
+    """`--fresh-references` reaches run_search (stopped there: what it does is tests/test_reference_store.py's)."""
+    from typer.testing import CliRunner
+
+    import mae_search.search.run as run
+    from mae_search.cli import app
+    from tests.conftest import micro_space
+
+    seen = []
+
+    def stop_here(*args, **kwargs):
+        seen.append(kwargs["fresh_references"])
+        raise ValueError("stopped before Ray")
+
+    monkeypatch.setattr(run, "run_search", stop_here)
+    space = micro_space(tmp_path, "flag", "dimensions: {}\nmetric: loss\nmode: min\n")
+    for extra in ([], ["--fresh-references"]):
+        out = CliRunner().invoke(app, ["search", str(space), "--storage", str(tmp_path / "r"), *extra])
+        assert out.exit_code == 2 and "stopped before Ray" in out.output
+    assert seen == [False, True]

@@ -65,3 +65,37 @@ def test_a_damaged_file_counts_as_missing(store):
     store.put(cfg, "random_init", ROW, "first-search")
     store.file(cfg, "random_init").write_text('{"inputs": ')
     assert store.get(cfg, "random_init") is None
+
+
+def test_a_search_reads_what_is_stored_and_computes_the_rest_or_everything_when_fresh(tmp_path, monkeypatch):
+    """run_references: stored rows are read, the missing ones computed (and stored for the next search);
+    fresh computes every row. The computing (Ray tasks) is replaced by a recorder here; the searches in
+    tests/test_search_e2e.py run it for real."""
+    import mae_search.search.run as run
+    from mae_search.search.results import read_results
+    from mae_search.search.search_dir import SearchDir
+    from mae_search.search.space import parse_search_space
+
+    space = parse_search_space({"name": "s", "base": micro_config().model_dump(mode="json"), "dimensions": {},
+                                "metric": "loss", "mode": "min", "seeds": [0, 1], "scheduler": {"type": "none"}},
+                               "space")
+    computed: list[tuple[int, str]] = []
+
+    def compute(space, todo, configs, check_interrupt, poll_s):
+        computed.extend(todo)
+        return {(seed, kind): {"linear_probe_acc": 0.1 * seed + (0.05 if kind == "raw_pixels" else 0.0)}
+                for seed, kind in todo}
+
+    monkeypatch.setattr(run, "compute_references", compute)
+    store = ReferenceStore(Location.of(tmp_path / "results"))
+    store.put(space.base.with_overrides({"seed": 1}), "random_init", {"linear_probe_acc": 0.77}, "earlier")
+    said: list[str] = []
+    assert run.run_references(space, SearchDir.of(tmp_path / "results", "s"), notify=said.append) == 4
+    assert sorted(computed) == [(0, "random_init"), (0, "raw_pixels"), (1, "raw_pixels")]
+    assert said and "1 of 4 read from" in said[0] and "computed by earlier" in said[0]
+    refs = read_results(tmp_path / "results" / "s", with_references=True).set_index(["seed", "reference"])
+    assert refs.loc[(1, "random_init"), "linear_probe_acc"] == 0.77  # the stored row, not recomputed
+    assert store.get(space.base.with_overrides({"seed": 0}), "raw_pixels").metrics == {"linear_probe_acc": 0.05}
+    computed.clear()
+    run.run_references(space, SearchDir.of(tmp_path / "results", "fresh"), fresh=True, notify=said.append)
+    assert len(computed) == 4  # --fresh-references: nothing read
