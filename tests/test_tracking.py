@@ -320,6 +320,36 @@ def test_track_logs_an_untracked_search_once_and_ends_interrupted_runs(tmp_path)
     assert again.parent_run_id == first.parent_run_id and _mlflow_view(client, "fixture-ablation") == view
 
 
+def test_a_reference_run_cut_off_mid_logging_is_finished_by_the_catch_up(tmp_path, monkeypatch):
+    """Tracking lost between creating a reference row's run and finishing it (the server gone mid-call,
+    as the outage test below can catch it under load): the catch-up finishes that run with its metrics,
+    rather than leaving it RUNNING beside a second one."""
+    from mlflow.tracking import MlflowClient as Client
+
+    from mae_search.search.search_dir import SearchDir
+    from mae_search.search.track import catch_up
+    from tests.test_report import record
+
+    path, _ = record(tmp_path, with_mlflow=False)
+    search_dir = SearchDir.at(path)
+    uri = f"sqlite:///{tmp_path / 'cut.db'}"
+    space = load_search_space(tmp_path / "space.yaml")
+    tracking = MLflowSearchCallback(uri, space, search_dir, "space.yaml", max_epochs=3)
+    real = Client.set_terminated
+    monkeypatch.setattr(Client, "set_terminated", lambda *a, **k: (_ for _ in ()).throw(OSError("server gone")))
+    with pytest.raises(OSError):
+        tracking._setup_parent()  # the first reference run exists, unfinished, when the server goes away
+    tracking._lost("metrics failed (server gone)")
+    monkeypatch.setattr(Client, "set_terminated", real)
+    catch_up(search_dir, uri)
+    view = _mlflow_view(MlflowClient(uri), "fixture-ablation")
+    refs = {k: v for k, v in view.items() if k.startswith("reference")}
+    assert len(refs) == 4 and all(status == "FINISHED" for status, _, _ in refs.values())
+    _, children = runs_of(MlflowClient(uri), "fixture-ablation")
+    cut = [r for r in children if r.data.tags["mae_search.trial_id"] == "reference-random_init-seed0"]
+    assert len(cut) == 1 and cut[0].data.metrics["eval/linear_probe_acc"] == pytest.approx(0.2)
+
+
 @pytest.mark.slow
 def test_server_outage_mid_search_is_caught_up_by_track(tmp_path, mlflow_server):
     """A real MLflow server killed mid-search: the search finishes its trials, names the catch-up command

@@ -213,23 +213,35 @@ class MLflowSearchCallback(Callback):
         self._log_references()
 
     def _log_references(self) -> None:
-        """Reference rows (random-init encoder, raw pixels) as finished child runs, once each."""
+        """Reference rows (random-init encoder, raw pixels) as finished child runs, once each.
+
+        A run is named in the state as soon as it exists: if tracking fails before it is finished (the
+        server going away mid-call), the catch-up finishes that run instead of leaving it RUNNING beside
+        a second one.
+        """
+        from mlflow.entities import Metric
+
         path = self.search_dir.results
         if not path.is_file():
             return
         now = int(time.time() * 1000)
         for row in reference_rows(read_results(path, with_references=True)).to_dict("records"):
-            if row["trial_id"] in self.children:
-                continue
-            record = TrialRecord.from_row(row)
-            run = self.client.create_run(self.experiment_id, tags=record.mlflow_tags(self.parent_id),
-                                         run_name=f"reference: {record.reference} (seed {record.seed})")
-            from mlflow.entities import Metric
-
-            metrics = [Metric(mlflow_key(k), float(row[k]), now, 0) for k in NAMES if k in row and present(row[k])]
-            self.client.log_batch(run.info.run_id, metrics=metrics)
-            self.client.set_terminated(run.info.run_id, "FINISHED")
-            self.children[row["trial_id"]] = run.info.run_id
+            run_id, logged = self.children.get(row["trial_id"]), set()
+            if run_id is None:
+                record = TrialRecord.from_row(row)
+                run_id = self.client.create_run(self.experiment_id, tags=record.mlflow_tags(self.parent_id),
+                                                run_name=f"reference: {record.reference} (seed {record.seed})"
+                                                ).info.run_id
+                self.children[row["trial_id"]] = run_id
+            else:
+                run = self.client.get_run(run_id)
+                if run.info.status == "FINISHED":
+                    continue
+                logged = set(run.data.metrics)
+            metrics = [Metric(mlflow_key(k), float(row[k]), now, 0) for k in NAMES
+                       if k in row and present(row[k]) and mlflow_key(k) not in logged]
+            self.client.log_batch(run_id, metrics=metrics)
+            self.client.set_terminated(run_id, "FINISHED")
         self._save_state()
 
     # ----------------------------------------------------------------- trials
