@@ -115,12 +115,24 @@ def start_ui(storage: Path, port: int, timeout_s: float = 300) -> tuple[subproce
 
 
 def free_port() -> int:
-    """A TCP port free on the loopback interface now (the OS picks it), for a server a test starts."""
+    """A TCP port free on every interface now, for a server a test starts.
+
+    Drawn from 20000-32767, below the kernel's ephemeral range (32768 and up), where every port-0 bind
+    and outgoing connection of the other tests' Ray processes takes its port: an ephemeral port free now
+    was taken again before a `ray start` head's agent bound it, and that head never accepted a job.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(20_000, 32_768)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def descendants_titled(pid: int, title: str) -> list[int]:
