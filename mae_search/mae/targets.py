@@ -106,9 +106,6 @@ class PCATarget(Target):
         basis = basis * torch.where(basis.sum(0) < 0, -1.0, 1.0)  # a sign per component, fixed by convention
         return cls(patch_size, imgs.shape[1], mean, basis)
 
-    def to(self, device: torch.device) -> PCATarget:
-        return PCATarget(self.patch_size, self.channels, self.mean.to(device), self.basis.to(device))
-
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         return (patchify(imgs, self.patch_size) - self.mean) @ self.basis
 

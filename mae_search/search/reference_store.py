@@ -12,6 +12,7 @@ reading stale ones. Delete the folder (or pass ``--fresh-references``) to recomp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -35,8 +36,10 @@ REFERENCE_CODE = ("mae/model.py", "data/load.py", "data/memory.py", "data/source
                   "training/finetune.py")
 
 
+@functools.cache
 def code_digest() -> str:
-    """A hash of the source that computes a reference row, and of the torch version that runs it."""
+    """A hash of the source that computes a reference row, and of the torch version that runs it (read once
+    per process: the code does not change under it)."""
     root = Path(mae_search.__file__).parent
     digest = hashlib.sha256(torch.__version__.encode())
     for name in REFERENCE_CODE:
@@ -73,15 +76,18 @@ class ReferenceStore:
         return self.storage / REFERENCES_DIR
 
     def file(self, cfg: TrainConfig, kind: str) -> Location:
-        inputs = json.dumps(reference_inputs(cfg, kind, self.gpu), sort_keys=True)
-        return self.root / f"{kind}-seed{cfg.seed}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}.json"
+        return self._file(reference_inputs(cfg, kind, self.gpu))
+
+    def _file(self, inputs: dict[str, Any]) -> Location:
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / f"{inputs['kind']}-seed{inputs['seed']}-{digest}.json"
 
     def get(self, cfg: TrainConfig, kind: str) -> StoredReference | None:
         """The stored row for ``cfg``'s seed and ``kind``, or None; an unreadable file counts as missing."""
-        path = self.file(cfg, kind)
+        inputs = reference_inputs(cfg, kind, self.gpu)
         try:
-            stored = json.loads(path.read_text())
-            if stored["inputs"] != json.loads(json.dumps(reference_inputs(cfg, kind, self.gpu))):  # a hash collision
+            stored = json.loads(self._file(inputs).read_text())
+            if stored["inputs"] != json.loads(json.dumps(inputs)):  # a hash collision
                 return None
             return StoredReference({k: float(v) for k, v in stored["metrics"].items()}, stored["search"],
                                    stored["computed_at"])
@@ -89,7 +95,7 @@ class ReferenceStore:
             return None
 
     def put(self, cfg: TrainConfig, kind: str, metrics: dict[str, float], search: str) -> None:
-        self.root.mkdir()
-        self.file(cfg, kind).write_text(json.dumps(
-            {"inputs": reference_inputs(cfg, kind, self.gpu), "metrics": metrics, "search": search,
+        inputs = reference_inputs(cfg, kind, self.gpu)
+        self._file(inputs).write_text(json.dumps(  # written whole, parents created (Location.write_bytes)
+            {"inputs": inputs, "metrics": metrics, "search": search,
              "computed_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, sort_keys=True))

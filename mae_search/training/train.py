@@ -100,19 +100,15 @@ class Trainer:
         """The reconstruction target; a PCA basis is ``fitted`` (from a checkpoint) or fitted now on a sample
         of this run's training patches, drawn from the seed alone (every rank draws the same sample)."""
         loss, model = self.cfg.loss, self.cfg.model
-        pca = None
-        if loss.target == "pca":
-            if fitted is None:
-                gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + 7)
-                per_image = (model.img_size // model.patch_size) ** 2
-                count = min(len(self.data.pretrain), -(-loss.pca_patches // per_image))
-                [(images_u8, _, uniforms)] = self.data.pretrain.shuffled(count, 1, gen, self.cfg.seed,
-                                                                          PCA_SAMPLE_EPOCH, self.device, 0, 1)
-                imgs = augment(images_u8, uniforms, self.cfg.data.augment, self.cfg.data.crop_scale,
-                               self.cfg.data.hflip)
-                fitted = PCATarget.fit(imgs, model.patch_size, loss.pca_components, loss.pca_patches,
-                                       gen).state_dict()
-            pca = (fitted["mean"].to(self.device), fitted["basis"].to(self.device))
+        if loss.target == "pca" and fitted is None:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + 7)
+            per_image = (model.img_size // model.patch_size) ** 2
+            count = min(len(self.data.pretrain), -(-loss.pca_patches // per_image))
+            [(images_u8, _, uniforms)] = self.data.pretrain.shuffled(count, 1, gen, self.cfg.seed,
+                                                                      PCA_SAMPLE_EPOCH, self.device, 0, 1)
+            imgs = augment(images_u8, uniforms, self.cfg.data.augment, self.cfg.data.crop_scale, self.cfg.data.hflip)
+            return PCATarget.fit(imgs, model.patch_size, loss.pca_components, loss.pca_patches, gen)
+        pca = None if fitted is None else (fitted["mean"].to(self.device), fitted["basis"].to(self.device))
         return make_target(loss.target, model.patch_size, model.in_chans, hog_cells=loss.hog_cells,
                            hog_bins=loss.hog_bins, pca=pca)
 
