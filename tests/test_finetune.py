@@ -135,6 +135,19 @@ def test_trainer_reports_finetuning_at_the_last_epoch_only():
     assert ["partial_finetune_acc" in h for h in history] == [False] * (len(history) - 1) + [True]
 
 
+def test_an_encoder_pretrained_with_mask_tokens_in_it_is_fine_tuned_without_them():
+    """The "w/ [M]" encoder's mask token is pre-training only: the classifier takes every other weight
+    (the tiny ablation's trials failed at their final fine-tuning when it was handed over)."""
+    cfg = micro_config(**{"model.encoder_mask_token": True, "epochs": 1})
+    trainer = Trainer(cfg)
+    weights = encoder_state_dict(trainer.model)
+    assert "encoder_mask_token" not in weights
+    clf = ViTClassifier.from_encoder(weights, cfg.model, num_classes=2)
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, trainer.model.blocks[0].attn.qkv.weight)
+    history = trainer.fit()
+    assert "finetune_acc" in history[-1] and "val_finetune_acc" in history[-1]
+
+
 def test_reference_rows_use_the_trials_initialisation_and_raw_pixels():
     cfg = micro_config(seed=4)
     data = load_data(cfg.data, cfg.model, seed=cfg.seed)

@@ -392,3 +392,23 @@ def test_server_outage_mid_search_is_caught_up_by_track(tmp_path, mlflow_server)
     assert parent.info.status == "FINISHED"
     cli(*command[1:])
     assert _mlflow_view(client, "outage") == view
+
+
+def test_an_encoder_pretrained_with_mask_tokens_in_it_is_exported_and_loaded_back(tmp_path):
+    """The "w/ [M]" encoder's mask token is pre-training only: the export leaves it out and the loader
+    does not take its absence for weights that do not fit."""
+    import torch
+
+    from mae_search.search.best_encoder import log_best_encoder
+    from mae_search.training.train import Trainer
+    from tests.conftest import micro_config
+
+    trainer = Trainer(micro_config(**{"model.encoder_mask_token": True}))
+    trainer.save(tmp_path / "ckpt" / "checkpoint.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = MlflowClient(tracking_uri=uri)
+    run_id = store.create_run(store.create_experiment("e", artifact_location=str(tmp_path / "art"))).info.run_id
+    log_best_encoder(store, run_id, None, str(tmp_path / "ckpt"))
+    model, cfg = load_encoder(run_id, uri)
+    assert cfg.model.encoder_mask_token
+    assert torch.equal(model.blocks[0].attn.qkv.weight, trainer.model.blocks[0].attn.qkv.weight)

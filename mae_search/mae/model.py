@@ -231,10 +231,14 @@ class MAEEncoder(nn.Module):
         return self.mae.forward_features(imgs)
 
 
+PRETRAINING_ONLY = ("decoder", "mask_token", "encoder_mask_token")
+"""Name prefixes of the parameters only pre-training uses: the decoder and both mask tokens (an encoder
+fine-tuned or probed sees whole images, so the "w/ [M]" encoder's token has no place left to go)."""
+
+
 def encoder_state_dict(model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
     """The parts kept after pre-training (patch embed, CLS, blocks, norm): what probing and fine-tuning load."""
-    drop = ("decoder", "mask_token")
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(PRETRAINING_ONLY)}
 
 
 class ViTClassifier(nn.Module):

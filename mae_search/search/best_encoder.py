@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mae_search.config import TrainConfig
-from mae_search.mae.model import MAEEncoder, MaskedAutoencoderViT, encoder_state_dict
+from mae_search.mae.model import PRETRAINING_ONLY, MAEEncoder, MaskedAutoencoderViT, encoder_state_dict
 from mae_search.mae.targets import target_dim
 from mae_search.search.tracking import TrackingError, client
 from mae_search.storage import Location
@@ -70,6 +70,6 @@ def load_encoder(run_id: str, tracking_uri: str, artifact_path: str = "best_enco
         model = MaskedAutoencoderViT(cfg.model, target_dim(cfg.loss, cfg.model))
         missing, unexpected = model.load_state_dict(torch.load(local / "encoder.pt", map_location="cpu"),
                                                     strict=False)
-    if unexpected or any(not k.startswith(("decoder", "mask_token")) for k in missing):
+    if unexpected or any(not k.startswith(PRETRAINING_ONLY) for k in missing):
         raise TrackingError(f"run {run_id}: encoder weights do not fit the logged config")
     return model, cfg
