@@ -282,3 +282,30 @@ def test_evaluating_every_other_epoch_gives_the_same_numbers_at_the_evaluated_ep
     assert "val_linear_probe_acc" in every[0] and "val_linear_probe_acc" not in other[0]
     keys = ["loss", "val_linear_probe_acc", "val_knn_acc", "linear_probe_acc", "knn_acc", "psnr", "test_mse"]
     assert {k: other[1][k] for k in keys} == {k: every[1][k] for k in keys}
+
+
+SEEDED_RUN = """
+import json, random, sys
+import numpy as np, torch
+random.seed({noise}); np.random.seed({noise}); torch.manual_seed({noise}); torch.rand({noise})  # another history
+from mae_search.training.train import Trainer
+from tests.conftest import micro_config
+cfg = micro_config(**{{"data.augment": "crop_color", "eval.partial_finetune.at": "end", "seed": 3}})
+history = Trainer(cfg).fit()
+print(json.dumps([{{k: v for k, v in h.items() if not k.endswith(("time_s", "img_s"))}} for h in history]))
+"""
+
+
+@pytest.mark.parametrize("noise", [(5, 17)])
+def test_same_seed_same_result_whatever_ran_before_in_the_process(noise):
+    """Every draw of a trial (init, masks, crops, colour jitter, probe, fine-tuning) follows from its seed,
+    not from the global generators' history: a Ray worker that ran another trial before gives the same
+    numbers bit for bit."""
+    import json
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", SEEDED_RUN.format(noise=n)], capture_output=True, text=True,
+                           check=True).stdout for n in noise]
+    first, second = (json.loads(r.strip().splitlines()[-1]) for r in runs)
+    assert first == second and {"loss", "val_linear_probe_acc", "finetune_acc"} <= set(first[-1])
