@@ -431,3 +431,24 @@ def test_a_reconstruction_target_table_says_its_losses_do_not_compare_across_row
     search_dir, _ = record(tmp_path / "ratio", with_mlflow=False)
     assert "not comparable across rows" not in write_report([load_from_dir(search_dir)], tmp_path / "o2",
                                                             "cmd").read_text()
+
+
+@pytest.mark.parametrize("winner", ["norm_pix", "hog"])
+def test_the_grid_caption_says_when_the_best_trial_has_no_pixels_to_show(tmp_path, winner):
+    """The grid is the best trial's; a HOG trial's has no reconstruction, and the caption must not claim one."""
+    from mae_search.search.record import BEST_GRID_FILE
+
+    space, _, search_dir = new_search(tmp_path, TARGET_SPACE)
+    table = ResultsTableCallback(search_dir, 1, space)
+    table.setup()
+    for i, (target, seed) in enumerate((t, s) for s in (0, 1) for t in ("norm_pix", "hog")):
+        trial = FakeTrial(f"t{i}", {"loss.target": target, "seed": seed})
+        table.on_trial_result(0, [], trial, {
+            "epoch": 1, "training_iteration": 1, "config": trial.config,
+            "linear_probe_acc": 0.3 + 0.01 * seed + (0.05 if target == winner else 0.0)})
+        table.on_trial_complete(0, [], trial)
+    table.on_experiment_end([])
+    (search_dir / BEST_GRID_FILE).write_bytes(b"\x89PNG grid")  # as a report's data/ archive holds it
+    md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
+    assert ("reconstructs HOG features" in md) == (winner == "hog")
+    assert ("| reconstruction with visible patches" in md) == (winner == "norm_pix")

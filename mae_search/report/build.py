@@ -23,6 +23,7 @@ from mae_search.metrics import metric
 from mae_search.report.load import (
     ReportError,
     SearchRecord,
+    best_trial_target,
 )
 from mae_search.report.plots import plot_curves, plot_factor, plot_pareto
 from mae_search.report.render import (
@@ -87,13 +88,21 @@ def build_report(records: list[SearchRecord], command: str) -> Report:
     if curves:
         report.heading("Learning curves")
         report.image("curves.png", curves, "learning curves")
-    grid = next((r.grid_png for r in records if r.grid_png), None)
-    if grid:
+    shown = next((r for r in records if r.grid_png), None)
+    if shown:
         report.heading("Best trial: reconstructions")
-        report.text("Columns: original | masked | reconstruction | reconstruction with visible patches.")
-        report.image(BEST_GRID_FILE, grid, "best trial reconstructions")
+        report.text(grid_caption(best_trial_target(shown)))
+        report.image(BEST_GRID_FILE, shown.grid_png, "best trial reconstructions")
     return report
 
+
+
+def grid_caption(target: str | None) -> str:
+    """The grid's columns in words; a HOG target predicts no pixels, so there is no reconstruction to show."""
+    if target == "hog":
+        return ("Columns: original | masked. The best trial reconstructs HOG features, which are not an image: "
+                "its two reconstruction columns repeat the masked image.")
+    return "Columns: original | masked | reconstruction | reconstruction with visible patches."
 
 
 def selection_sentence(space: SearchSpace, final: pd.DataFrame) -> str:

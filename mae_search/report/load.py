@@ -158,3 +158,13 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
 def completed_final(table: pd.DataFrame) -> pd.DataFrame:
     final = final_rows(table)
     return final[final["status"] == Status.COMPLETED].reset_index(drop=True)
+
+
+def best_trial_target(record: SearchRecord) -> str | None:
+    """The reconstruction target of the trial whose grid the report shows (the best completed one): its
+    dimension value where the search varies it, the space's base setting otherwise."""
+    best = best_row(completed_final(record.table), record.space.primary.metric, record.space.primary.mode)
+    if best is None:
+        return None
+    varied = best.get("param.loss.target")
+    return varied if isinstance(varied, str) else record.space.base.loss.target
