@@ -2,6 +2,7 @@
 
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -411,18 +412,24 @@ scheduler: {type: none}
 """
 
 
-def test_a_reconstruction_target_table_says_its_losses_do_not_compare_across_rows(tmp_path):
+def target_search(tmp_path: Path, metrics: Callable[[int, str, int], dict[str, float]]) -> Path:
+    """A recorded norm_pix-vs-HOG search of 2 seeds, one epoch; ``metrics(i, target, seed)`` gives each result."""
     space, _, search_dir = new_search(tmp_path, TARGET_SPACE)
     table = ResultsTableCallback(search_dir, 1, space)
     table.setup()
     for i, (target, seed) in enumerate((t, s) for s in (0, 1) for t in ("norm_pix", "hog")):
         trial = FakeTrial(f"t{i}", {"loss.target": target, "seed": seed})
-        table.on_trial_result(0, [], trial, {
-            "epoch": 1, "training_iteration": 1, "config": trial.config, "linear_probe_acc": 0.3 + 0.02 * i,
-            "test_mse": {"norm_pix": 0.4, "hog": 0.05}[target] + 0.01 * seed,
-            **({"psnr": 18.0 + seed} if target == "norm_pix" else {})})
+        table.on_trial_result(0, [], trial, {"epoch": 1, "training_iteration": 1, "config": trial.config,
+                                             **metrics(i, target, seed)})
         table.on_trial_complete(0, [], trial)
     table.on_experiment_end([])
+    return search_dir
+
+
+def test_a_reconstruction_target_table_says_its_losses_do_not_compare_across_rows(tmp_path):
+    search_dir = target_search(tmp_path, lambda i, target, seed: {
+        "linear_probe_acc": 0.3 + 0.02 * i, "test_mse": {"norm_pix": 0.4, "hog": 0.05}[target] + 0.01 * seed,
+        **({"psnr": 18.0 + seed} if target == "norm_pix" else {})})
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
     rows = ablation_rows(md)
     assert "not comparable across rows" in md
@@ -438,16 +445,8 @@ def test_the_grid_caption_says_when_the_best_trial_has_no_pixels_to_show(tmp_pat
     """The grid is the best trial's; a HOG trial's has no reconstruction, and the caption must not claim one."""
     from mae_search.search.record import BEST_GRID_FILE
 
-    space, _, search_dir = new_search(tmp_path, TARGET_SPACE)
-    table = ResultsTableCallback(search_dir, 1, space)
-    table.setup()
-    for i, (target, seed) in enumerate((t, s) for s in (0, 1) for t in ("norm_pix", "hog")):
-        trial = FakeTrial(f"t{i}", {"loss.target": target, "seed": seed})
-        table.on_trial_result(0, [], trial, {
-            "epoch": 1, "training_iteration": 1, "config": trial.config,
-            "linear_probe_acc": 0.3 + 0.01 * seed + (0.05 if target == winner else 0.0)})
-        table.on_trial_complete(0, [], trial)
-    table.on_experiment_end([])
+    search_dir = target_search(tmp_path, lambda i, target, seed: {
+        "linear_probe_acc": 0.3 + 0.01 * seed + (0.05 if target == winner else 0.0)})
     (search_dir / BEST_GRID_FILE).write_bytes(b"\x89PNG grid")  # as a report's data/ archive holds it
     md = write_report([load_from_dir(search_dir)], tmp_path / "out", "cmd").read_text()
     assert ("reconstructs HOG features" in md) == (winner == "hog")
