@@ -23,30 +23,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
-def test_optuna_asha_search_stops_a_poor_trial(tmp_path):
-    space = micro_space(tmp_path, "asha", ASHA_BLR_BODY.format(num_samples=4))
-    out = cli("search", str(space), "--storage", str(tmp_path / "results"), "--num-cpus", "2")
-    df = read_results(tmp_path / "results" / "asha", with_references=True)
-    # The reference rows of the search's seed, evaluated by the same code before the trials.
-    refs = df[df["status"] == "reference"].set_index("reference")
-    assert sorted(refs.index) == ["random_init", "raw_pixels"] and (refs["seed"] == 0).all()
-    assert refs["linear_probe_acc"].between(0, 1).all() and refs["finetune_acc"].notna().tolist() == [True, False]
-    df = df[df["status"] != "reference"]
-    assert "reference random-init (1 seed): LP " in out.stdout and "reference raw-pixels (1 seed): LP " in out.stdout
-    final = df.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
-    assert len(final) == 4, out.stdout
-    assert (final["status"] == "stopped_early").sum() >= 1
-    bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
-    assert bad["status"].item() == "stopped_early" and bad["epoch"].item() < 3
-    assert final[np.isclose(final["param.optim.blr"], 5e-3)]["status"].item() == "completed"
-    # One row per trial and epoch, with the config that produced it.
-    assert set(df.groupby("trial_id")["epoch"].apply(lambda e: tuple(sorted(e)))) >= {(1, 2, 3)}
-    assert {"loss", "mse", "mask_ratio", "lr", "linear_probe_acc", "psnr", "config_json"} <= set(df.columns)
-    [listed] = json.loads(cli("list", "--storage", str(tmp_path / "results"), "--format", "json").stdout)
-    assert (listed["search"], listed["planned"], listed["failed"], listed["objective"]) == ("asha", 4, 0, "min loss")
-    assert listed["done"] + listed["stopped"] == 4 and listed["stopped"] >= 1
-
-
 def test_optuna_selects_on_the_validation_split_and_never_sees_test(tmp_path):
     import optuna
 
@@ -69,28 +45,23 @@ def test_optuna_selects_on_the_validation_split_and_never_sees_test(tmp_path):
     assert "Verdict (test split):" in out.stdout and out.stdout.index("Verdict") < out.stdout.rindex("┏")
 
 
-# The process title of a seed's training process, by runner.
-WORKER_TITLES = {"ray_task": "ray::seed_task", "ray_train": "ray::RayTrainWorker"}
-
-
-
-
-
-@pytest.mark.parametrize("runner", ["ray_task", "ray_train"])
-def test_killed_worker_resumes_from_checkpoint(tmp_path, runner):
-    space = micro_space(tmp_path, "fault", f"""
+def test_killed_worker_resumes_from_checkpoint(tmp_path):
+    """A seed's Ray task killed mid-run is retried and resumes from its latest checkpoint. (The Ray Train
+    runner's twin is tests/test_storage.py's killed-worker test: the same fault and checks, with its
+    checkpoints in an object store.)"""
+    space = micro_space(tmp_path, "fault", """
 dimensions:
-  masking.mask_ratio: {{grid: [0.75]}}
+  masking.mask_ratio: {grid: [0.75]}
 metric: loss
 mode: min
-scheduler: {{type: none}}
+scheduler: {type: none}
 max_failures: 2
-resources: {{runner: {runner}}}
+resources: {runner: ray_task}
 """, epochs=8, num_train=3000)
     # Once Tune has epoch 2, the checkpoint of epoch 1 is in the seed's run directory.
     proc, table = start_until(space, tmp_path / "results", "fault", reached_epoch(2))
-    pids = descendants_titled(proc.pid, WORKER_TITLES[runner])
-    assert pids, f"no {WORKER_TITLES[runner]} process found"
+    pids = descendants_titled(proc.pid, "ray::seed_task")
+    assert pids, "no seed task process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=400)
@@ -104,7 +75,7 @@ resources: {{runner: {runner}}}
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     space = micro_space(tmp_path, "resume", """
 dimensions:
-  masking.mask_ratio: {grid: [0.5, 0.75, 0.9]}
+  masking.mask_ratio: {grid: [0.5, 0.75]}
 metric: loss
 mode: min
 scheduler: {type: none}
@@ -116,13 +87,13 @@ max_concurrent_trials: 1
     output, _ = proc.communicate(timeout=120)
     before = read_results(table)
     finished = set(before.loc[before["status"] == "completed", "trial_id"])
-    assert finished and len(finished) < 3, output[-3000:]
+    assert len(finished) == 1, output[-3000:]
     stamps = {p: p.stat().st_mtime for t in finished for p in (storage / "resume" / "train_runs" / t).rglob("*")}
 
     out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2", "--resume")
     after = read_results(table)
     final = after.sort_values("epoch").groupby("trial_id").tail(1)
-    assert len(final) == 3 and (final["status"] == "completed").all(), out.stdout[-3000:]
+    assert len(final) == 2 and (final["status"] == "completed").all(), out.stdout[-3000:]
     # Finished trials were not run again: their rows and files are untouched.
     for t in finished:
         old = before[before["trial_id"] == t].reset_index(drop=True)
@@ -188,7 +159,7 @@ initial_points:
   - {optim.blr: 1.0e-7}
 metric: loss
 mode: min
-num_samples: 3
+num_samples: 2
 seeds_per_trial: 2
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 max_concurrent_trials: 1
@@ -213,17 +184,17 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     # the jitter of their tasks' start-up.
     space = micro_space(tmp_path, "avg", SEED_AVERAGED_BODY, epochs=3, num_train=4096)
     out = cli("search", str(space), "--storage", str(storage), "--num-cpus", "2")
-    assert "3 trials x 2 seeds" in out.stdout
+    assert "2 trials x 2 seeds" in out.stdout
     df = read_results(storage / "avg")
     # Every configuration trained on both seeds, each seed its own row per epoch.
-    assert sorted(df.groupby("tune_trial_id")["seed"].apply(lambda s: tuple(sorted(set(s))))) == [(0, 1)] * 3
+    assert sorted(df.groupby("tune_trial_id")["seed"].apply(lambda s: tuple(sorted(set(s))))) == [(0, 1)] * 2
     assert not df.duplicated(["trial_id", "epoch"]).any()
     final = df.sort_values("epoch").groupby("trial_id").tail(1)
     means = final.groupby("tune_trial_id")["loss"].mean()
     # Optuna's persisted study holds the mean over seeds as each trial's value, not one seed's.
     study = optuna.load_study(study_name="avg", storage=f"sqlite:///{storage / 'avg' / 'optuna.db'}")
     values = sorted(t.value for t in study.trials if t.value is not None)
-    assert len(values) == 3 and np.allclose(values, sorted(means.values), rtol=1e-6)
+    assert len(values) == 2 and np.allclose(values, sorted(means.values), rtol=1e-6)
     # ASHA compared means: the poor learning rate was stopped at its first rung, on both seeds.
     bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
     assert bad["status"].tolist() == ["stopped_early"] * 2 and bad["epoch"].tolist() == [1, 1]
@@ -243,7 +214,7 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
     # The report ranks configurations by their mean over seeds.
     cli("report", str(storage / "avg"), "--out", str(tmp_path / "report"))
     md = (tmp_path / "report" / "README.md").read_text()
-    assert f"| {good} (2 seeds) | 0.005 |" in md and "3 of 3 planned x 2 seeds" in md
+    assert f"| {good} (2 seeds) | 0.005 |" in md and "2 of 2 planned x 2 seeds" in md
     # ... and shows the best trial's reconstruction grid, the one its last checkpoint holds.
     best = final.loc[final["loss"].idxmin()]
     grid = (Path(best["checkpoint_path"]) / "reconstruction.png").read_bytes()
@@ -252,9 +223,10 @@ def test_seed_averaged_search_optimises_the_mean_and_records_every_seed(tmp_path
 
 
 def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
-    """Interrupted after its first trial, a resumed search neither repeats a configuration (Optuna's history
-    continues) nor forgets ASHA's rungs (the poor trial is still cut at its first rung), and the table and
-    MLflow hold every trial-epoch exactly once."""
+    """An Optuna + ASHA search, interrupted after its first trial: resumed, it neither repeats a
+    configuration (Optuna's history continues) nor forgets ASHA's rungs (the poor trial is still cut at
+    its first rung); the table and MLflow hold every trial-epoch exactly once, the reference rows once,
+    and `list` counts the trials as they ended."""
     import mlflow
 
     storage = tmp_path / "results"
@@ -278,6 +250,16 @@ def test_resumed_optuna_asha_search_continues_sampler_and_rungs(tmp_path):
         assert set(recorded) <= set(now), f"rung {milestone} lost trials on resume"
     bad = final[np.isclose(final["param.optim.blr"], 1e-7)]
     assert bad["status"].item() == "stopped_early" and bad["epoch"].item() == 1
+    assert final[np.isclose(final["param.optim.blr"], 5e-3)]["status"].item() == "completed"
+    assert {"loss", "mse", "mask_ratio", "lr", "linear_probe_acc", "psnr", "config_json"} <= set(after.columns)
+    # The reference rows of the search's seed, evaluated by the same code before the trials, recorded once.
+    refs = read_results(table, with_references=True).query("status == 'reference'").set_index("reference")
+    assert sorted(refs.index) == ["random_init", "raw_pixels"] and (refs["seed"] == 0).all()
+    assert refs["linear_probe_acc"].between(0, 1).all() and refs["finetune_acc"].notna().tolist() == [True, False]
+    assert "reference random-init (1 seed): LP " in out.stdout and "reference raw-pixels (1 seed): LP " in out.stdout
+    [listed] = json.loads(cli("list", "--storage", str(storage), "--format", "json").stdout)
+    assert (listed["search"], listed["planned"], listed["failed"], listed["objective"]) == ("resumed", 3, 0, "min loss")
+    assert listed["done"] + listed["stopped"] == 3 and listed["stopped"] >= 1
     # Every trial-epoch exactly once, in the table and in MLflow.
     assert not after.duplicated(["trial_id", "epoch"]).any()
     for _, rows in after.groupby("trial_id"):
