@@ -1,7 +1,9 @@
 """Ctrl-C before the trials is remembered even where a library swallows the KeyboardInterrupt."""
 
+import gc
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -48,3 +50,33 @@ def test_the_previous_handler_is_back_afterwards_and_nothing_is_raised_without_a
         assert signal.getsignal(signal.SIGINT) is marker  # also when the phase ended by the interrupt
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _InterruptedFinaliser:
+    """An object whose finaliser is interrupted, as Ray's client code can be: Python cannot raise from a
+    finaliser, so it reports the exception through sys.unraisablehook ("Exception ignored in ...")."""
+
+    def __init__(self, exc: BaseException | None = None) -> None:
+        self.exc = exc
+
+    def __del__(self) -> None:
+        if self.exc is not None:
+            raise self.exc
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the handler runs here and raises
+
+
+def test_a_swallowed_ctrl_c_prints_no_traceback_but_other_swallowed_errors_still_do(monkeypatch):
+    reported: list[type[BaseException]] = []  # what reaches the hook that prints "Exception ignored ..."
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))
+    with pytest.raises(KeyboardInterrupt), PreTrialInterrupts() as interrupts:
+        _InterruptedFinaliser()
+        gc.collect()
+        assert interrupts.received and reported == []  # the search stops with its own one line instead
+        _InterruptedFinaliser(RuntimeError("a library's own error"))
+        gc.collect()
+        assert reported == [RuntimeError]
+        interrupts.check()
+    _InterruptedFinaliser(KeyboardInterrupt())  # after the phase, the previous hook has them all again
+    gc.collect()
+    assert reported == [RuntimeError, KeyboardInterrupt]

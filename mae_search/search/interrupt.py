@@ -8,13 +8,18 @@ from C, where an exception is printed as "Exception ignored" and dropped: the
 search then ran on to the end, as if Ctrl-C had never been pressed. The guard
 below still raises at once, but also remembers the signal, and the search asks
 it at each step before the trials (:meth:`PreTrialInterrupts.check`), so a
-swallowed one stops the search there. Tune installs its own handler once the
-trials start, and the guard gives the previous one back before that.
+swallowed one stops the search there. Python also prints a swallowed exception
+("Exception ignored in ...", with a traceback) through ``sys.unraisablehook``:
+the guard keeps a remembered Ctrl-C's out of the user's terminal, as the search
+stops for it anyway, and passes every other one on. Tune installs its own
+handler once the trials start, and the guard gives the previous ones back
+before that.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType, TracebackType
 
@@ -25,6 +30,7 @@ class PreTrialInterrupts:
     def __init__(self) -> None:
         self.received = False
         self._previous: object = None
+        self._previous_unraisable = sys.unraisablehook
         self._installed = False
 
     def __enter__(self) -> PreTrialInterrupts:
@@ -32,12 +38,19 @@ class PreTrialInterrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._on_unraisable
             self._installed = True
         return self
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self.received = True
         raise KeyboardInterrupt
+
+    def _on_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        if self.received and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return  # ours, remembered: check() raises it again where it cannot be swallowed
+        self._previous_unraisable(unraisable)
 
     def check(self) -> None:
         """Raise ``KeyboardInterrupt`` if a SIGINT came, even one whose exception was swallowed."""
@@ -48,6 +61,7 @@ class PreTrialInterrupts:
                  tb: TracebackType | None) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            sys.unraisablehook = self._previous_unraisable
             self._installed = False
         if kind is None:
             self.check()
