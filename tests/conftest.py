@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,13 @@ from mae_search.config import TrainConfig
 
 torch.set_num_threads(2)
 TEST_THREADS = torch.get_num_threads()
+
+# Ray starts its workers at nice 15, so that they yield to everything else on the machine. Here everything
+# else is the test running beside (make test runs two at a time): with the pre-training test computing in
+# its pytest process at nice 0, a search's reference-row tasks got 6 CPU-seconds in 3 minutes (py-spy and
+# ps, 2026-12-05), and one end-to-end test per run took about 2 minutes longer than alone. At 0 the two
+# tests share the cores evenly. Every process a test starts (the CLI, ray start, Ray's raylet) inherits it.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +51,6 @@ def micro_cfg() -> TrainConfig:
 # ----------------------------------------------------------------------------- end-to-end helpers
 
 import contextlib  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
