@@ -109,18 +109,22 @@ def run_search(space: SearchSpace, storage: str | Path | Location, *, space_file
     callbacks = [ResultsTableCallback(search_dir, max_epochs, space),
                  MLflowSearchCallback(uri, space, search_dir, space_file, max_epochs),
                  SearchProgress(space, max_epochs, console, search_dir)]
-    console.print(f"search [bold]{space.name}[/]: {plan_sentence(space)}, results in {search_dir}")
-    ray_log = log_ray_to(search_dir.driver_log)
-    with PreTrialInterrupts():  # a Ctrl-C while Ray starts is not lost either
-        console.print(init_ray(address, num_cpus))
-    console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
-                  "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
+    with PreTrialInterrupts() as interrupts:  # one guard from here to the first trial: no Ctrl-C is lost
+        console.print(f"search [bold]{space.name}[/]: {plan_sentence(space)}, results in {search_dir}")
+        ray_log = log_ray_to(search_dir.driver_log)
+        with interrupts.deferred():
+            console.print(init_ray(address, num_cpus))
+        console.print(f"logs: Ray's driver messages in {ray_log}, its workers' in Ray's session logs "
+                      "(ray/session_latest/logs under the temp directory of each node)", highlight=False)
+        started = time.time()
+        tuner = prepare_tuner(space, search_dir, interrupts, resume=resume, callbacks=callbacks,
+                              fresh_references=fresh_references,
+                              notify=lambda line: console.print(line, highlight=False))
     try:
-        wall_s = tune_search(space, search_dir, resume=resume, callbacks=callbacks, fresh_references=fresh_references,
-                             notify=lambda line: console.print(line, highlight=False))
+        tuner.fit()
     finally:
         stop_progress()
-    return outcome(space, search_dir, wall_s)
+    return outcome(space, search_dir, time.time() - started)
 
 
 def plan_sentence(space: SearchSpace) -> str:
@@ -145,33 +149,43 @@ def tune_search(space: SearchSpace, search_dir: str | Path | Location | SearchDi
                 fresh_references: bool = False, notify: Callable[[str], None] = print) -> float:
     """Run (or resume) the Tune part of a search on Ray (started or joined if it is not yet), after the
     checks of :func:`run_search`; returns the wall time in seconds."""
-    search_dir = SearchDir.at(search_dir)
+    with PreTrialInterrupts() as interrupts:
+        with interrupts.deferred():
+            init_ray(address, num_cpus)
+        started = time.time()
+        tuner = prepare_tuner(space, SearchDir.at(search_dir), interrupts, resume=resume, callbacks=callbacks,
+                              fresh_references=fresh_references, notify=notify)
+    tuner.fit()
+    return time.time() - started
+
+
+def prepare_tuner(space: SearchSpace, search_dir: SearchDir, interrupts: PreTrialInterrupts, *, resume: bool,
+                  callbacks: list[Any] | None, fresh_references: bool,
+                  notify: Callable[[str], None]) -> tune.Tuner:
+    """Everything before the trials, on a started Ray: the Tuner (restored or new, its record written) and
+    the reference rows. Runs inside the caller's ``interrupts`` guard; Tune's own handler takes over in fit()."""
     # Epochs without an evaluation report no probe metric. Tune would reject those results; ASHA, which
     # reads the metric every epoch, is refused by validation unless eval.every_epochs is 1.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's newer console output prints its own header and a TensorBoard hint even when silent; the legacy
     # one at verbose=0 prints nothing, leaving the terminal to the project's view (progress.py).
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    with PreTrialInterrupts() as interrupts:  # Tune's own handler takes over in fit()
-        init_ray(address, num_cpus)
-        plan = plan_concurrency(space, ray.cluster_resources())
-        started = time.time()
-        if resume and search_dir.tune_started:
-            note = check_resumable(space, search_dir, plan)
-            if note:
-                notify(note)
-            tuner = tune.Tuner.restore(str(search_dir.root), trainable=trainable_for(space, search_dir, plan),
-                                       resume_errored=True)
-        else:  # a new search, or one interrupted before its first trial (its reference rows are kept)
-            tuner = build_tuner(space, search_dir, callbacks or [], plan)
-            search_dir.root.mkdir()
-            search_dir.asha_file.unlink()  # rungs of an earlier attempt that never started Tune
-            search_dir.space_file.write_text(space.model_dump_json(indent=2))  # the record --resume checks
-            search_dir.plan_file.write_text(json.dumps({"concurrency": plan.concurrency}))
-        interrupts.check()
-        run_references(space, search_dir, interrupts.check, fresh=fresh_references, notify=notify)
-    tuner.fit()
-    return time.time() - started
+    plan = plan_concurrency(space, ray.cluster_resources())
+    if resume and search_dir.tune_started:
+        note = check_resumable(space, search_dir, plan)
+        if note:
+            notify(note)
+        tuner = tune.Tuner.restore(str(search_dir.root), trainable=trainable_for(space, search_dir, plan),
+                                   resume_errored=True)
+    else:  # a new search, or one interrupted before its first trial (its reference rows are kept)
+        tuner = build_tuner(space, search_dir, callbacks or [], plan)
+        search_dir.root.mkdir()
+        search_dir.asha_file.unlink()  # rungs of an earlier attempt that never started Tune
+        search_dir.space_file.write_text(space.model_dump_json(indent=2))  # the record --resume checks
+        search_dir.plan_file.write_text(json.dumps({"concurrency": plan.concurrency}))
+    interrupts.check()
+    run_references(space, search_dir, interrupts.check, fresh=fresh_references, notify=notify)
+    return tuner
 
 
 def run_references(space: SearchSpace, search_dir: SearchDir, check_interrupt: Callable[[], None] = lambda: None,
