@@ -151,6 +151,31 @@ def test_searchers_follow_the_file(tmp_path):
         load_search_space(write(tmp_path, two.replace("scheduler: {type: none}\n", "")))
 
 
+def test_startup_trials_lets_tpe_guide_a_small_search_earlier(tmp_path):
+    """TPE samples its first trials at random (Optuna's default: 10, so a search of 10 trials or fewer is a
+    random search); startup_trials sets how many. It is refused where no sampler has such trials."""
+    import optuna
+
+    from mae_search.search.strategy import make_sampler
+
+    sampled = VALID.replace("{grid: [0.5, 0.75]}", "{uniform: [0.5, 0.9]}")
+
+    def first_ratios(text: str, n: int = 6) -> list[float]:
+        study = optuna.create_study(sampler=make_sampler(load_search_space(write(tmp_path, text))),
+                                    direction="maximize")
+        study.optimize(lambda t: -(t.suggest_float("masking.mask_ratio", 0.5, 0.9) - 0.8) ** 2, n_trials=n)
+        return [t.params["masking.mask_ratio"] for t in study.trials]
+
+    random = first_ratios(sampled + "sampler: random\n")
+    assert first_ratios(sampled) == random  # TPE's default start-up: 6 trials, all random
+    guided = first_ratios(sampled + "startup_trials: 3\n")
+    assert guided[:3] == random[:3] and guided[3:] != random[3:]
+    for text, what in ((VALID + "startup_trials: 3\n", "a grid"), (sampled + "sampler: random\nstartup_trials: 3\n",
+                                                                   "random")):
+        with pytest.raises(ConfigError, match=rf"startup_trials: only for the tpe, gp, cmaes samplers .*is {what}\)"):
+            load_search_space(write(tmp_path, text))
+
+
 def test_finetuning_objective_needs_finetuning_when_it_is_read(tmp_path):
     """val_finetune_acc can be the objective; a space that never computes it, or ASHA reading it at rungs
     where it is not computed, is refused in one line before Ray starts."""

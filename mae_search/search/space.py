@@ -150,6 +150,9 @@ class SearchSpace(StrictModel):
     seeds_per_trial: int = Field(
         1, ge=1, le=64, description="train every configuration on this many seeds and optimise their mean")
     sampler: Literal["tpe", "random", "cmaes", "nsga2", "gp"] = "tpe"
+    startup_trials: int | None = Field(
+        None, ge=1, description="tpe, gp, cmaes: trials sampled at random before the model guides the rest "
+        "(Optuna's n_startup_trials; its default, 10 for tpe, makes a search of 10 trials or fewer random)")
     scheduler: SchedulerSpec = SchedulerSpec()
     initial_points: list[dict[str, Any]] = Field(
         default_factory=list, description="Optuna: configurations to evaluate first (known-good settings)"
@@ -260,6 +263,9 @@ def load_search_space(path: str | Path, overrides: dict[str, Any] | None = None)
     return parse_search_space(raw, str(path))
 
 
+STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the Optuna samplers with random start-up trials
+
+
 def _check_combinations(space: SearchSpace, source: str, limit: int = 4096) -> None:
     """Every combination of the dimensions' probe values (grid values, range ends) gives a valid config:
     each value alone can be valid while two together are not (a curriculum start above a sampled target)."""
@@ -349,6 +355,9 @@ def parse_search_space(raw: dict[str, Any], source: str) -> SearchSpace:
             raise ConfigError(f"{source}: initial_points[{i}]: {str(exc).removeprefix(': ')}") from None
     if space.initial_points and space.is_grid:
         raise ConfigError(f"{source}: initial_points: only for Optuna searches (a grid runs every value anyway)")
+    if space.startup_trials is not None and (space.is_grid or space.sampler not in STARTUP_SAMPLERS):
+        raise ConfigError(f"{source}: startup_trials: only for the {', '.join(STARTUP_SAMPLERS)} samplers of an "
+                          f"Optuna search (this one is {'a grid' if space.is_grid else space.sampler})")
     _check_selection_split(space, source)
     evaluated = BY_NAME[space.primary.metric].source == "eval"
     every, sched = base.eval.every_epochs, space.scheduler

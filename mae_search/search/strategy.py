@@ -53,12 +53,13 @@ def make_sampler(space: SearchSpace) -> Any:
     import optuna
 
     seed = space.seeds[0]
+    startup = {} if space.startup_trials is None else {"n_startup_trials": space.startup_trials}
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, **startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, **startup),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, **startup),
     }
     return samplers[space.sampler]()
 
