@@ -152,7 +152,7 @@ def main() -> None:
         "tiny mae-search trial, runner ray_task (now)": lambda n, s: tiny_search(n, "ray_task", args.trials, s),
     }
     with loopback_node():  # as a search's own local instance
-        ray.init(num_cpus=2, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, configure_logging=False, log_to_driver=False)
     results: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
