@@ -19,7 +19,7 @@ While Ray starts (:meth:`PreTrialInterrupts.deferred`) a first Ctrl-C is only
 remembered, and raised once ``ray.init`` has returned: a ``KeyboardInterrupt``
 inside it can leave the driver's core worker half made, and its background
 thread then crashed the interpreter on the way out (exit -11, "Segmentation
-fault", a core file, seen in 3 of 25 Ctrl-Cs at the end of ``ray.init``). A
+fault", a core file: 3 of 22 Ctrl-Cs at random moments of a search's start). A
 second Ctrl-C raises at once, for a start that hangs.
 """
 
