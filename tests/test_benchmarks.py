@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 
 from benchmarks import common
@@ -159,3 +160,33 @@ def test_trial_breakdown_keeps_the_rows_of_earlier_runs_it_does_not_rewrite(tmp_
     monkeypatch.setattr(common, "RESULTS", results)
     assert earlier_rows({"quickstart after"}) == ["| quickstart | 115 |", "| tiny | 224 |"]
     assert earlier_rows({"tiny", "quickstart"}) == ["| quickstart after | 99 |"]
+
+
+def test_finetune_fidelity_accepts_a_recipe_within_the_seed_spread_and_refuses_one_outside_it(monkeypatch):
+    from benchmarks import finetune_fidelity as fid
+
+    # today: 5 encoders x 3 fine-tuning seeds, each encoder's seeds at -1 / 0 / +1 around its mean: spread 1.0
+    means = [42.6, 45.1, 43.6, 43.8, 40.7]
+    today = [[m - 1, m, m + 1] for m in means]
+    close = [[m + d - 0.5, m + d, m + d + 0.5] for m, d in zip(means, (0.2, -0.1, 0.05, 0.15, 0.1), strict=True)]
+    cheap = [[m + d - 1, m + d, m + d + 1] for m, d in zip(means, (-8.1, -6.6, -3.8, -0.6, -0.7), strict=True)]
+    faithful, off = fid.compare(today, close), fid.compare(today, cheap)
+    assert faithful.spread == pytest.approx(1.0) and off.spread == pytest.approx(1.0)
+    assert faithful.deltas == pytest.approx([0.2, -0.1, 0.05, 0.15, 0.1])
+    assert faithful.mean == pytest.approx(0.08) and faithful.faithful
+    assert faithful.spearman == pytest.approx(1.0)
+    assert off.mean == pytest.approx(-3.96) and not off.faithful
+    assert off.spearman == pytest.approx(0.0)  # the ranking of the encoders is lost, too
+    # a small bias whose interval still reaches past the spread is not faithful either
+    noisy = [[m + d - 1, m + d, m + d + 1] for m, d in zip(means, (0.9, -0.8, 1.2, -0.6, 0.3), strict=True)]
+    assert not fid.compare(today, noisy).faithful
+
+    monkeypatch.setattr(fid, "flop_lines", lambda: ["FLOPs line"])
+    monkeypatch.setattr(fid, "CANDIDATES", {"near": {}, "cheap": {}})
+    table = fid.render({fid.TODAY: today, "near": close, "cheap": cheap}, {fid.TODAY: 96.0, "near": 50.0,
+                                                                           "cheap": 32.0}, 1800.0)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "seed spread 1.0" in rows[fid.TODAY]
+    assert rows["near"].endswith("| +0.1 ± 0.1 | +1.00 | 50 (0.52x) | yes |")
+    assert rows["cheap"].endswith("| -4.0 ± 4.2 | +0.00 | 32 (0.33x) | **no** |")
+    assert "FLOPs line" in table
