@@ -9,7 +9,11 @@ import torch
 
 from mae_search.config import TrainConfig
 
-torch.set_num_threads(2)
+# make test runs two tests at a time on 2 cores (pytest -n 2). Two torch processes at 2 threads each, 4
+# threads on 2 cores, ran 3.7x slower than at one thread each (2 epochs of the tiny trial in two processes
+# at once: 164 s against 44 s, 2026-12-05): OpenMP's threads spin waiting for each other. So a test process
+# takes one thread when xdist runs several, and both cores when it runs alone (pytest without -n).
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
 TEST_THREADS = torch.get_num_threads()
 
 # Ray starts its workers at nice 15, so that they yield to everything else on the machine. Here everything
