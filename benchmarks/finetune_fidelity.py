@@ -60,6 +60,11 @@ class Fidelity:
         return abs(self.mean) + self.half <= self.spread
 
 
+def seed_spread(runs: list[list[float]]) -> float:
+    """Pooled standard deviation over fine-tuning seeds, each encoder's runs about its own mean."""
+    return math.sqrt(statistics.mean(statistics.variance(a) for a in runs))
+
+
 def compare(today: list[list[float]], candidate: list[list[float]]) -> Fidelity:
     """``today[i]`` and ``candidate[i]``: accuracies of encoder i over fine-tuning seeds."""
     from scipy import stats
@@ -69,9 +74,8 @@ def compare(today: list[list[float]], candidate: list[list[float]]) -> Fidelity:
     deltas = [c - t for c, t in zip(means_cand, means_today, strict=True)]
     n = len(deltas)
     half = stats.t.ppf(0.975, n - 1) * statistics.stdev(deltas) / math.sqrt(n)
-    spread = math.sqrt(statistics.mean(statistics.variance(a) for a in today))
     rho = stats.spearmanr(means_today, means_cand).statistic
-    return Fidelity(deltas, statistics.mean(deltas), float(half), spread, float(rho))
+    return Fidelity(deltas, statistics.mean(deltas), float(half), seed_spread(today), float(rho))
 
 
 def trial_config(ratio: float, seed: int) -> Any:
@@ -174,8 +178,7 @@ def render(acc: dict[str, list[list[float]]], secs: dict[str, float], wall: floa
     for recipe, rows in acc.items():
         cells = " | ".join(f"{statistics.mean(a):.1f} ± {statistics.stdev(a):.1f}" for a in rows)
         if recipe == TODAY:
-            spread = math.sqrt(statistics.mean(statistics.variance(a) for a in rows))
-            lines.append(f"| {recipe} | {cells} | seed spread {spread:.1f} | - | {secs[recipe]:.0f} | - |")
+            lines.append(f"| {recipe} | {cells} | seed spread {seed_spread(rows):.1f} | - | {secs[recipe]:.0f} | - |")
             continue
         fid = compare(acc[TODAY], rows)
         verdict = "yes" if fid.faithful else "**no**"
