@@ -98,13 +98,13 @@ def pretrain(job: tuple[tuple[float, int], Path]) -> None:
 
 def finetune_once(job: tuple[tuple[float, int], str, int, Path]) -> tuple[float, float]:
     """Test accuracy and wall time of one fine-tuning run."""
+    from mae_search.data.load import load_data
     from mae_search.training.finetune import finetune
-    from mae_search.training.train import Trainer
 
     torch.set_num_threads(1)
     (ratio, seed), recipe, ft_seed, folder = job
     cfg = trial_config(ratio, seed)
-    data = Trainer(cfg).data
+    data = load_data(cfg.data, cfg.model, seed=cfg.seed)  # the splits a trial of this seed scores on
     encoder = torch.load(folder / f"encoder_{ratio}_{seed}.pt")
     ft = cfg.eval.finetune.model_copy(update=RECIPES[recipe])
     result = finetune(encoder, cfg.model, data.train, data.test, ft, device=torch.device("cpu"), seed=ft_seed)
@@ -132,11 +132,12 @@ def flops_per_image() -> tuple[float, float, Any]:
 
 
 def flop_lines() -> list[str]:
-    from mae_search.training.train import Trainer
+    from mae_search.data.load import load_data
 
     pre, fine, cfg = flops_per_image()
     batch = cfg.eval.finetune.batch_size
-    train_images = len(Trainer(cfg).data.train) // batch * batch  # what an epoch of fine-tuning steps through
+    labelled = len(load_data(cfg.data, cfg.model, seed=cfg.seed).train)
+    train_images = labelled // batch * batch  # what an epoch of fine-tuning steps through
     pre_total = pre * cfg.epochs * cfg.data.num_train
     per_epoch = fine * train_images
     fine_total = per_epoch * cfg.eval.finetune.epochs
